@@ -1,0 +1,173 @@
+"""Model adapters: where a family keeps its transformer blocks and, inside a block, its layers.
+
+An adapter knows names, never maths: the pruning engine and every method ask it where the
+blocks, attention projections and MLP projections are, and work on whatever it returns.
+A new family is one small file that subclasses :class:`ModelAdapter` and sets class attributes.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from prunekit.errors import PrunekitError
+
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for the layer types prunekit prunes: nn.Linear and GPT-2's Conv1D."""
+    return isinstance(module, LINEAR_TYPES)
+
+
+def weight_view(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out_features, in_features); a view, so in-place edits write through.
+
+    nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out) and is returned transposed.
+    """
+    if isinstance(layer, Conv1D):
+        return layer.weight.data.t()
+    if isinstance(layer, nn.Linear):
+        return layer.weight.data
+    raise TypeError(f"{type(layer).__name__} is not a linear layer")
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    """root.get_submodule(path) with '' meaning root itself."""
+    return root if not path else root.get_submodule(path)
+
+
+class ModelAdapter:
+    """Names of the parts of one model family.
+
+    Paths are relative: ``blocks_path`` to ``model.base_model``; the others to one block.
+    ``qkv_fused`` is set instead of q/k/v for families that compute q, k and v in one layer.
+    """
+
+    family: ClassVar[str] = "base"
+    model_types: ClassVar[tuple[str, ...]] = ()
+    blocks_path: ClassVar[str] = ""
+    attention_path: ClassVar[str] = ""
+    q_proj: ClassVar[str | None] = None
+    k_proj: ClassVar[str | None] = None
+    v_proj: ClassVar[str | None] = None
+    qkv_fused: ClassVar[str | None] = None
+    o_proj: ClassVar[str] = ""
+    mlp_in: ClassVar[tuple[str, ...]] = ()
+    mlp_out: ClassVar[str] = ""
+    # config attribute names (first one that exists is used)
+    heads_attrs: ClassVar[tuple[str, ...]] = ("num_attention_heads", "n_head", "n_heads")
+    kv_heads_attrs: ClassVar[tuple[str, ...]] = ("num_key_value_heads",)
+    hidden_attrs: ClassVar[tuple[str, ...]] = ("hidden_size", "n_embd", "dim")
+    intermediate_attrs: ClassVar[tuple[str, ...]] = ("intermediate_size", "ffn_dim", "n_inner", "hidden_dim")
+    layers_attrs: ClassVar[tuple[str, ...]] = ("num_hidden_layers", "n_layer", "n_layers")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    # ---- blocks -------------------------------------------------------------------------
+    @property
+    def base_model(self) -> nn.Module:
+        """The model without its task head (e.g. LlamaModel inside LlamaForCausalLM)."""
+        return getattr(self.model, "base_model", self.model)
+
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order."""
+        blocks = get_submodule(self.base_model, self.blocks_path)
+        if not isinstance(blocks, nn.ModuleList):
+            raise PrunekitError(f"{self.family} adapter: '{self.blocks_path}' is not a list of blocks")
+        return blocks
+
+    def blocks_prefix(self) -> str:
+        """Full module name of the block list, as in model.named_modules()."""
+        blocks = self.blocks()
+        for name, module in self.model.named_modules():
+            if module is blocks:
+                return name
+        raise PrunekitError(f"{self.family} adapter: block list not found in the model")
+
+    # ---- layers inside a block ----------------------------------------------------------
+    def attention(self, block: nn.Module) -> nn.Module:
+        return get_submodule(block, self.attention_path)
+
+    def attention_inputs(self) -> tuple[str, ...]:
+        """Names (relative to a block) of the layers that read the attention input."""
+        if self.qkv_fused:
+            return (self.qkv_fused,)
+        return tuple(p for p in (self.q_proj, self.k_proj, self.v_proj) if p)
+
+    def block_linear_names(self) -> tuple[str, ...]:
+        """Names of the prunable linear layers inside a block, in execution order."""
+        return (*self.attention_inputs(), self.o_proj, *self.mlp_in, self.mlp_out)
+
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        """Prunable linear layers of one block, by name relative to the block."""
+        out: dict[str, nn.Module] = {}
+        for name in self.block_linear_names():
+            module = get_submodule(block, name)
+            if not is_linear(module):
+                raise PrunekitError(f"{self.family} adapter: '{name}' is a {type(module).__name__}, not a linear layer")
+            out[name] = module
+        return out
+
+    def prunable_layers(self) -> dict[str, nn.Module]:
+        """All prunable linear layers of the model, by full module name."""
+        prefix = self.blocks_prefix()
+        out: dict[str, nn.Module] = {}
+        for index, block in enumerate(self.blocks()):
+            for name, module in self.block_linears(block).items():
+                out[f"{prefix}.{index}.{name}"] = module
+        return out
+
+    # ---- sizes --------------------------------------------------------------------------
+    def _config_value(self, attrs: tuple[str, ...]) -> int | None:
+        for attr in attrs:
+            value = getattr(self.config, attr, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    def num_heads(self) -> int:
+        value = self._config_value(self.heads_attrs)
+        if value is None:
+            raise PrunekitError(f"{self.family} adapter: the config names no number of attention heads")
+        return value
+
+    def num_kv_heads(self) -> int:
+        """Key/value heads: fewer than num_heads under grouped-query attention."""
+        return self._config_value(self.kv_heads_attrs) or self.num_heads()
+
+    def hidden_size(self) -> int:
+        value = self._config_value(self.hidden_attrs)
+        if value is None:
+            raise PrunekitError(f"{self.family} adapter: the config names no hidden size")
+        return value
+
+    def head_dim(self) -> int:
+        explicit = getattr(self.config, "head_dim", None)
+        return int(explicit) if explicit else self.hidden_size() // self.num_heads()
+
+    def intermediate_size(self) -> int | None:
+        value = self._config_value(self.intermediate_attrs)
+        return value if value is not None else 4 * self.hidden_size()
+
+    def num_layers(self) -> int:
+        return len(self.blocks())
+
+    def describe(self) -> dict[str, object]:
+        """A JSON-friendly summary of the layout, for records and `prunekit models`."""
+        return {
+            "family": self.family,
+            "blocks": self.blocks_prefix(),
+            "num_blocks": self.num_layers(),
+            "num_heads": self.num_heads(),
+            "num_kv_heads": self.num_kv_heads(),
+            "head_dim": self.head_dim(),
+            "hidden_size": self.hidden_size(),
+            "intermediate_size": self.intermediate_size(),
+            "block_linears": list(self.block_linear_names()),
+        }

@@ -1,0 +1,68 @@
+"""The `prunekit` command: one small module per subcommand, each a thin layer over the API."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from prunekit import __version__
+from prunekit.errors import PrunekitError
+
+# subcommand name -> module in prunekit.cli; each module has `register(subparsers)` that sets `func`
+SUBCOMMANDS = ["models", "data", "eval", "prune", "methods", "train", "finetune"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prunekit",
+        description="Prune transformer models, recover their quality, and measure what was gained and lost.")
+    parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"prunekit.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"prunekit.cli.{name}":
+                continue  # subcommand not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Keep third-party chatter (transformers warnings, hub retries) off the user's terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if not args.command else 2
+    try:
+        return int(args.func(args) or 0)
+    except PrunekitError as exc:
+        if debug:
+            raise
+        print(f"prunekit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunekit: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

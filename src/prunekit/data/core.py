@@ -1,0 +1,253 @@
+"""Data types, tokenisation helpers and the on-disk cache format shared by all dataset sources.
+
+Cache layout: every prepared set lives in ``cache_dir()/data/<folder>/`` with a ``manifest.json``
+(kind, splits -> file, description, source, counts) and one plain file per split: ``.txt`` for
+text sets, ``.jsonl`` (``{"text": ..., "label": ...}`` per line) for classification sets. Nothing
+model-specific (token ids) is ever written to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.errors import PrunekitError
+from prunekit.utils import atomic_dir, cache_dir
+
+# A classification example's text: one string, or a (first, second) pair for sentence-pair tasks
+# (GLUE mrpc/rte/qnli/mnli, or a local file with a ``text_pair`` column). Trainers pass a pair to
+# the tokenizer as ``tokenizer(first, second)``.
+ExampleText = str | tuple[str, str]
+Example = tuple[ExampleText, int]
+
+SPLIT_SEED = 1234  # seed of every "shuffle then 80/10/10" split in prunekit
+
+
+@dataclass
+class TextData:
+    """A language-modelling text set: raw text per split (``calibration``, ``train``, ``eval``, ...)."""
+
+    name: str
+    splits: dict[str, str]
+    description: str = ""
+
+
+@dataclass
+class ClassificationData:
+    """A labelled text set: ``(text, label_id)`` examples per split (``train``, ``validation``, ``test``).
+
+    ``text`` is a ``str`` or, for sentence-pair tasks, a ``(first, second)`` tuple.
+    """
+
+    name: str
+    splits: dict[str, list[Example]]
+    label_names: list[str] = field(default_factory=list)
+    description: str = ""
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes (length of ``label_names``)."""
+        return len(self.label_names)
+
+
+Data = TextData | ClassificationData
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+def _split_text(data: TextData, split: str) -> str:
+    if not isinstance(data, TextData):
+        raise PrunekitError(f"dataset '{data.name}' is a classification set, not text: "
+                            "use a text set (austen, wikitext2, text:PATH) for calibration and perplexity")
+    if split not in data.splits:
+        raise PrunekitError(f"dataset '{data.name}' has no split '{split}': use one of {', '.join(data.splits)}")
+    return data.splits[split]
+
+
+def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as one 1-D LongTensor.
+
+    The whole text is tokenised in one call with ``add_special_tokens=False``: no BOS/EOS is added,
+    so windows cut from it start mid-stream. ``verbose=False`` silences the "sequence longer than
+    model_max_length" warning, which does not apply because the ids are cut into windows afterwards.
+    """
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+
+
+def calibration_batch(tokenizer: Any, data: TextData, n_samples: int, seq_len: int, seed: int = 0,
+                      split: str = "calibration") -> torch.Tensor:
+    """``n_samples`` random windows of ``seq_len`` tokens from ``split``, as a ``[n_samples, seq_len]`` LongTensor.
+
+    The split is tokenised as one text (see :func:`tokenize_text`); window starts are drawn
+    uniformly, with replacement, by a ``torch.Generator`` seeded with ``seed``, so the same seed
+    gives the same batch and different seeds give different windows. The split must hold at least
+    ``max(seq_len + 1, n_samples * seq_len)`` tokens.
+    """
+    if n_samples < 1 or seq_len < 1:
+        raise PrunekitError(f"calibration needs at least one sample of at least one token (got {n_samples} "
+                            f"samples of {seq_len}): use positive --calib-samples and --seq-len")
+    text = _split_text(data, split)
+    ids = tokenize_text(tokenizer, text)
+    needed = max(seq_len + 1, n_samples * seq_len)
+    if ids.numel() < needed:
+        raise PrunekitError(f"{split} split of '{data.name}' has {ids.numel()} tokens, fewer than the {needed} "
+                            "requested: lower --calib-samples/--seq-len or give more text")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=gen)
+    offsets = torch.arange(seq_len)
+    return ids[starts[:, None] + offsets[None, :]]
+
+
+def eval_tokens(tokenizer: Any, data: TextData, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:
+    """1-D LongTensor of the token ids of ``split`` (tokenised as one text), cut to the first ``max_tokens``."""
+    ids = tokenize_text(tokenizer, _split_text(data, split))
+    if ids.numel() == 0:
+        raise PrunekitError(f"{split} split of '{data.name}' has no tokens: give a dataset with some {split} text")
+    return ids if max_tokens is None else ids[:max_tokens]
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting helpers
+
+
+def split_examples(examples: Sequence[Example], seed: int = SPLIT_SEED) -> dict[str, list[Example]]:
+    """Shuffle with ``random.Random(seed)`` and cut 80/10/10 into train/validation/test.
+
+    validation and test each get ``n // 10`` examples, train the rest.
+    """
+    items = list(examples)
+    random.Random(seed).shuffle(items)
+    n_small = len(items) // 10
+    n_train = len(items) - 2 * n_small
+    return {"train": items[:n_train], "validation": items[n_train:n_train + n_small],
+            "test": items[n_train + n_small:]}
+
+
+def split_text_tail(text: str, fraction: float = 0.1) -> tuple[str, str]:
+    """Split ``text`` into (head, tail) where the tail is about the last ``fraction`` of characters.
+
+    The cut falls at the line boundary just before the ``1 - fraction`` point (at a space, or at the
+    exact character, when the text has no earlier newline).
+    """
+    point = int(len(text) * (1 - fraction))
+    cut = text.rfind("\n", 0, point)
+    if cut <= 0:
+        cut = text.rfind(" ", 0, point)
+    if cut <= 0:
+        cut = point
+    return text[:cut], text[cut:].lstrip("\n ")
+
+
+def text_splits(text: str) -> dict[str, str]:
+    """calibration/train = first ~90% of the text, eval = last ~10% (cut at a line boundary)."""
+    head, tail = split_text_tail(text)
+    return {"calibration": head, "train": head, "eval": tail}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepared-data cache
+
+
+def data_root() -> Path:
+    """``cache_dir()/data``: where prepared datasets are stored."""
+    return cache_dir() / "data"
+
+
+def folder_for(name: str) -> Path:
+    """Cache folder of a built-in dataset (``glue/sst2`` -> ``data/glue-sst2``)."""
+    return data_root() / name.replace("/", "-")
+
+
+def is_prepared(name: str) -> bool:
+    """True when the built-in dataset ``name`` has a complete prepared copy in the cache."""
+    return (folder_for(name) / "manifest.json").is_file()
+
+
+def write_prepared(name: str, data: Data, source: str, extra: dict[str, Any] | None = None,
+                   overwrite: bool = False, aliases: dict[str, str] | None = None) -> Path:
+    """Store ``data`` in its cache folder (written to a temporary folder, then renamed into place).
+
+    ``aliases`` maps a split name to another split whose file it shares (e.g. calibration -> train).
+    """
+    final = folder_for(name)
+    aliases = aliases or {}
+    manifest: dict[str, Any] = {"name": name, "source": source, "description": data.description,
+                                "splits": {}, "counts": {}}
+    try:
+        with atomic_dir(final, overwrite=overwrite) as tmp:
+            for split, content in data.splits.items():
+                if split in aliases:
+                    continue
+                if isinstance(content, str):
+                    fname = f"{split}.txt"
+                    (tmp / fname).write_text(content, encoding="utf-8")
+                    manifest["counts"][split] = {"characters": len(content), "lines": content.count("\n") + 1}
+                else:
+                    fname = f"{split}.jsonl"
+                    lines = [json.dumps({"text": list(t) if isinstance(t, tuple) else t, "label": y},
+                                        ensure_ascii=False) for t, y in content]
+                    (tmp / fname).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+                    manifest["counts"][split] = {"examples": len(content)}
+                manifest["splits"][split] = fname
+            for split, target in aliases.items():
+                manifest["splits"][split] = manifest["splits"][target]
+            if isinstance(data, ClassificationData):
+                manifest["kind"] = "classification"
+                manifest["label_names"] = data.label_names
+            else:
+                manifest["kind"] = "text"
+            manifest.update(extra or {})
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+    except OSError:
+        if is_prepared(name):  # another process finished the same preparation first
+            return final
+        raise
+    return final
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a prepared folder; a PrunekitError when it is missing or damaged."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or "splits" not in manifest:
+            raise ValueError("no 'splits' entry")
+        return manifest
+    except (OSError, ValueError) as exc:
+        raise PrunekitError(f"prepared data in '{folder}' is damaged ({exc}): delete that folder "
+                            "and prepare the dataset again") from exc
+
+
+def read_prepared(name: str) -> Data:
+    """Load a prepared dataset from its cache folder."""
+    folder = folder_for(name)
+    manifest = read_manifest(folder)
+    try:
+        if manifest.get("kind") == "classification":
+            splits: dict[str, list[Example]] = {}
+            for split, fname in manifest["splits"].items():
+                splits[split] = []
+                for line in (folder / fname).read_text(encoding="utf-8").split("\n"):
+                    if line.strip():
+                        rec = json.loads(line)
+                        text = tuple(rec["text"]) if isinstance(rec["text"], list) else rec["text"]
+                        splits[split].append((text, int(rec["label"])))
+            return ClassificationData(name, splits, list(manifest.get("label_names", [])),
+                                      manifest.get("description", ""))
+        files: dict[str, str] = {}
+        for fname in set(manifest["splits"].values()):
+            files[fname] = (folder / fname).read_text(encoding="utf-8")
+        texts = {split: files[fname] for split, fname in manifest["splits"].items()}
+        return TextData(name, texts, manifest.get("description", ""))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PrunekitError(f"prepared data in '{folder}' is damaged ({exc}): delete that folder "
+                            "and prepare the dataset again") from exc

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, accuracy, size and speed."""

@@ -1,0 +1,230 @@
+"""Perplexity of a causal language model over fixed-length windows of one token stream.
+
+Protocol (stated in every result's ``protocol`` sentence):
+
+* the first ``max_tokens`` tokens of the stream are used (all of them when None);
+* ``stride == seq_len`` (the default): non-overlapping windows of ``seq_len`` tokens; each window is
+  scored on all but its first token (that token has no context inside the window); a final partial
+  window shorter than ``seq_len`` is dropped;
+* ``stride < seq_len``: sliding windows of ``seq_len`` tokens starting every ``stride`` tokens; the
+  first window is scored on all but its first token, every later one only on the tokens not scored
+  before (the last ``stride`` of them), the rest being context. If the stream does not end on a stride
+  boundary, one last window is aligned to the end of the stream, so every token but the very first is
+  scored exactly once (``n_tokens == len - 1``).
+
+Perplexity = exp(total negative log-likelihood / tokens scored), the NLL computed here from the logits
+(float32 log-softmax) and summed in float64, so the token count is exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.errors import PrunekitError
+from prunekit.utils import resolve_device
+
+IGNORE = -100
+
+
+@dataclass
+class PerplexityResult:
+    """Perplexity and exactly what it was computed on."""
+
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token, in nats
+    n_tokens: int  # tokens scored
+    seq_len: int
+    stride: int
+    n_windows: int
+    protocol: str
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by the evaluate modules
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model accepts (``max_position_embeddings`` or ``n_positions``), if known."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(model: nn.Module, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse a sequence length above the model's position limit."""
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise PrunekitError(f"sequence length {seq_len} is above the model's limit of {limit}: lower {flag}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def place_model(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """Device to run on: the model's own when ``device`` is None, else ``device`` (the model is moved there)."""
+    if device is None:
+        return model_device(model)
+    target = resolve_device(device)
+    if model_device(model) != target:
+        model.to(target)
+    return target
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put the model in eval mode for the block and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def output_logits(output: Any) -> torch.Tensor:
+    """Logits from a model output (a ModelOutput, a tuple or a bare tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        logits = output[0]
+    return logits
+
+
+def forward_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Extra forward arguments: no KV cache for Hugging Face models (one pass per window needs none)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return {}
+    return {"use_cache": False} if isinstance(model, PreTrainedModel) else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# windows
+
+
+def plan_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored position) of every window over ``n`` tokens; each window is ``seq_len`` long.
+
+    Positions are absolute indices into the stream; a window starting at ``s`` scores positions
+    ``first .. s + seq_len - 1`` (each predicted from the tokens before it inside the window).
+    """
+    windows: list[tuple[int, int]] = []
+    if stride == seq_len:
+        for start in range(0, n - seq_len + 1, seq_len):
+            windows.append((start, start + 1))
+        return windows
+    scored_to = 0  # every position below this one is already scored (position 0 never is)
+    starts = list(range(0, n - seq_len + 1, stride))
+    if starts[-1] + seq_len < n:
+        starts.append(n - seq_len)
+    for start in starts:
+        end = start + seq_len
+        windows.append((start, max(scored_to, start + 1)))
+        scored_to = end
+    return windows
+
+
+def describe(seq_len: int, stride: int, n_used: int, n_given: int, n_windows: int, n_tokens: int,
+             source: str) -> str:
+    """The protocol as one human sentence."""
+    over = f"the first {n_used} tokens of {source}" if n_used < n_given else f"all {n_used} tokens of {source}"
+    if stride == seq_len:
+        dropped = n_used - n_windows * seq_len
+        text = (f"{n_windows} non-overlapping {seq_len}-token windows over {over}, "
+                f"each window scored on all but its first token ({n_tokens} tokens scored)")
+        if dropped:
+            text += f"; the last {dropped} tokens, shorter than a window, are not scored"
+        return text
+    return (f"{n_windows} sliding {seq_len}-token windows every {stride} tokens over {over}; the first window "
+            f"is scored on all but its first token, each later one only on tokens not scored before (the rest "
+            f"is context), the last window aligned to the end: {n_tokens} tokens scored (all but the first)")
+
+
+# ---------------------------------------------------------------------------------------------
+# perplexity
+
+
+def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, stride: int | None = None,
+               max_tokens: int | None = None, batch_size: int = 1, device: str | torch.device | None = None,
+               progress: bool = True, source: str = "the evaluation text") -> PerplexityResult:
+    """Perplexity of a causal LM on the 1-D token stream ``tokens`` (see the module docstring for the protocol).
+
+    ``device`` None runs where the model is; ``source`` names the text in the protocol sentence.
+    """
+    tokens = torch.as_tensor(tokens).reshape(-1).long()
+    n_given = int(tokens.numel())
+    if seq_len < 2:
+        raise PrunekitError(f"sequence length {seq_len} is too short to score any token: use --seq-len 2 or more")
+    stride = seq_len if stride is None else int(stride)
+    if not 1 <= stride <= seq_len:
+        raise PrunekitError(f"stride {stride} must be between 1 and the sequence length {seq_len}: "
+                            "lower --stride or leave it out for non-overlapping windows")
+    if batch_size < 1:
+        raise PrunekitError(f"batch size {batch_size} must be at least 1: use --batch-size 1 or more")
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise PrunekitError(f"max tokens {max_tokens} must be positive: raise --max-tokens or leave it out")
+        tokens = tokens[:max_tokens]
+    n = int(tokens.numel())
+    check_seq_len(model, seq_len)
+    if n < seq_len:
+        raise PrunekitError(f"only {n} tokens of evaluation text, fewer than one window of {seq_len}: "
+                            "lower --seq-len or give more text")
+
+    windows = plan_windows(n, seq_len, stride)
+    run_device = place_model(model, device)
+    extra = forward_kwargs(model)
+    total_nll = 0.0
+    n_tokens = 0
+    offsets = torch.arange(seq_len)
+    with eval_mode(model), torch.inference_mode():
+        bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress, leave=False)
+        for i in range(0, len(windows), batch_size):
+            chunk = windows[i:i + batch_size]
+            starts = torch.tensor([s for s, _ in chunk])
+            ids = tokens[starts[:, None] + offsets[None, :]]
+            labels = ids.clone()
+            for row, (start, first) in enumerate(chunk):
+                labels[row, : first - start] = IGNORE
+            logits = output_logits(model(input_ids=ids.to(run_device), **extra))
+            if logits.dim() != 3:
+                raise PrunekitError("the model has no language-modelling head (its logits are not per token): "
+                                    "perplexity needs a causal LM; evaluate a classifier on a labelled set")
+            shifted = logits[:, :-1, :].float()
+            targets = labels[:, 1:].to(shifted.device)
+            losses = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
+                                     ignore_index=IGNORE, reduction="none")
+            total_nll += float(losses.double().sum().item())
+            n_tokens += int((targets != IGNORE).sum().item())
+            bar.update(len(chunk))
+        bar.close()
+
+    mean_nll = total_nll / n_tokens
+    if not math.isfinite(mean_nll):
+        raise PrunekitError("the model produced non-finite logits, so perplexity is undefined: "
+                            "evaluate in float32 (--dtype float32) or check the pruned weights")
+    try:
+        ppl = math.exp(mean_nll)
+    except OverflowError:
+        ppl = math.inf
+    protocol = describe(seq_len, stride, n, n_given, len(windows), n_tokens, source)
+    return PerplexityResult(perplexity=ppl, nll=mean_nll, n_tokens=n_tokens, seq_len=seq_len, stride=stride,
+                            n_windows=len(windows), protocol=protocol)

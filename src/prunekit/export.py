@@ -1,0 +1,145 @@
+"""Save a model so it reloads anywhere, with a prunekit record beside it; load it back.
+
+A saved folder is a normal `save_pretrained` folder (safetensors only, never pickles) plus
+``prunekit.json``: what was done, the settings, the data, per-layer sparsity, the prunekit
+version and evaluation results. Plain ``AutoModelFor*.from_pretrained`` reloads it whenever
+the model's shapes are those its config describes; models whose layers were changed in ways
+a config cannot say (different sizes per layer, factorised layers) name a prunekit loader in
+their record, and :func:`load` rebuilds them before reading the weights.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit import __version__
+from prunekit.errors import PrunekitError
+from prunekit.utils import atomic_dir, resolve_device, resolve_dtype
+
+RECORD_NAME = "prunekit.json"
+
+# loader name -> fn(folder, config, record, task, num_labels) -> model with the right shapes and weights loaded
+Loader = Callable[[Path, Any, dict[str, Any], str, int], nn.Module]
+LOADERS: dict[str, Loader] = {}
+
+
+def register_loader(name: str, loader: Loader) -> None:
+    """Let a method that changes shapes beyond what a config says (non-uniform, factorised) rebuild its models."""
+    LOADERS[name] = loader
+
+
+def to_jsonable(value: Any) -> Any:
+    """Make settings and results JSON-friendly (paths, dtypes, tensors, tuples, dataclasses)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, float | int | str | bool) or value is None:
+        return value
+    return str(value)
+
+
+def save_model(model: nn.Module, tokenizer: Any, out: str | Path, record: dict[str, Any] | None = None,
+               overwrite: bool = False) -> Path:
+    """Write model (safetensors), tokenizer and ``prunekit.json`` into ``out``, atomically.
+
+    Everything is written to a temporary folder beside ``out`` and renamed at the end, so a failure
+    leaves nothing behind and an existing folder is replaced only with ``overwrite`` and only when
+    the new one is complete.
+    """
+    full_record = {
+        "prunekit_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loader": None,
+        **(record or {}),
+    }
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / RECORD_NAME).write_text(json.dumps(to_jsonable(full_record), indent=2) + "\n")
+    return Path(out)
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The prunekit record of a saved folder, with a clear error if it has none."""
+    file = Path(path) / RECORD_NAME
+    if not file.exists():
+        raise PrunekitError(f"'{path}' has no {RECORD_NAME}: it was not written by prunekit "
+                            "(load it with transformers, or prune it with prunekit first)")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise PrunekitError(f"'{file}' is not valid JSON ({exc.msg}): the folder is damaged, save it again") from exc
+    if not isinstance(data, dict):
+        raise PrunekitError(f"'{file}' does not hold a prunekit record: the folder is damaged, save it again")
+    return data
+
+
+def update_record(path: str | Path, **fields: Any) -> dict[str, Any]:
+    """Add fields (e.g. evaluation results) to a saved folder's record, writing atomically."""
+    record = read_record(path)
+    record.update(to_jsonable(fields))
+    file = Path(path) / RECORD_NAME
+    tmp = file.with_name(f".{RECORD_NAME}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(file)
+    return record
+
+
+def load(path: str | Path, task: str | None = None, num_labels: int = 2, device: str | torch.device | None = "cpu",
+         dtype: str | torch.dtype | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load (model, tokenizer, record) from a folder saved by prunekit."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from prunekit.models import auto_class, infer_task
+
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        raise PrunekitError(f"'{path}' is not a model folder (no config.json): give a folder written by prunekit")
+    record = read_record(folder)
+    config = AutoConfig.from_pretrained(folder)
+    task = task or record.get("task") or infer_task(config)
+    loader_name = record.get("loader")
+    if loader_name:
+        _import_loaders()
+        if loader_name not in LOADERS:
+            raise PrunekitError(f"'{path}' needs the prunekit loader '{loader_name}', which this prunekit lacks: "
+                                "upgrade prunekit")
+        model = LOADERS[loader_name](folder, config, record, task, num_labels)
+    else:
+        kwargs: dict[str, Any] = {}
+        if task == "classification":
+            kwargs["num_labels"] = getattr(config, "num_labels", num_labels)
+        model = auto_class(task).from_pretrained(folder, **kwargs)
+    model = model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, record
+
+
+def _import_loaders() -> None:
+    """Import the modules that register loaders, so `load` finds them without the caller importing them."""
+    import importlib
+
+    for module in ("prunekit.surgery", "prunekit.structured_load", "prunekit.methods.flop"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise

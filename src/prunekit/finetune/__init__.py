@@ -1,0 +1,1 @@
+"""Fine-tuning on the transformers Trainer, with hooks for training-aware pruning methods."""

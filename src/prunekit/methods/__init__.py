@@ -1,0 +1,1 @@
+"""Pruning methods: one-shot (layer by layer), structured, and training-aware."""

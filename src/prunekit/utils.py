@@ -1,0 +1,104 @@
+"""Small shared helpers: seeding, device and dtype resolution, atomic output folders, cache dir."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prunekit.errors import PrunekitError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch so that a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """Turn 'cpu', 'cuda', 'cuda:1' or 'auto' into a torch.device, with a clear error if unavailable."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise PrunekitError(f"device '{device}' was asked for but no CUDA GPU is available: use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise PrunekitError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from exc
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """Turn a dtype name ('float32', 'bf16', ...) into a torch.dtype; None means float32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise PrunekitError(f"unknown dtype '{dtype}': use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
+
+
+def cache_dir() -> Path:
+    """Where prepared models and datasets live: $PRUNEKIT_CACHE or ~/.cache/prunekit."""
+    root = os.environ.get("PRUNEKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "prunekit")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an existing output folder unless overwrite is set (checked before any long work)."""
+    path = Path(out)
+    if path.exists() and not overwrite:
+        raise PrunekitError(f"output folder '{path}' already exists: choose another --out or pass --overwrite")
+    if path.exists() and not path.is_dir():
+        raise PrunekitError(f"output path '{path}' exists and is not a folder: choose another --out")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; rename it to ``out`` only when the block succeeds.
+
+    On any error the temporary folder is removed, so a failed run leaves nothing behind and
+    never touches an existing folder. With ``overwrite`` an existing ``out`` is replaced only
+    after the new one is complete.
+    """
+    final = check_output_dir(out, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary name, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
