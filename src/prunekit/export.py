@@ -47,6 +47,8 @@ def to_jsonable(value: Any) -> Any:
         return [to_jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.tolist()
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
+        return to_jsonable(value.item())  # numpy scalars (np.float32, np.int64, ...) become numbers, not strings
     if isinstance(value, float | int | str | bool) or value is None:
         return value
     return str(value)
@@ -66,8 +68,12 @@ def save_model(model: nn.Module, tokenizer: Any, out: str | Path, record: dict[s
         "loader": None,
         **(record or {}),
     }
+    save_pretrained = getattr(model, "save_pretrained", None)
+    if not callable(save_pretrained):
+        raise PrunekitError(f"cannot save a {type(model).__name__}: save_model needs a transformers model "
+                            "(one with save_pretrained)")
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RECORD_NAME).write_text(json.dumps(to_jsonable(full_record), indent=2) + "\n")

@@ -178,16 +178,44 @@ def load_model(name_or_path: str, task: str | None = None, num_labels: int = 2, 
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:
         if Path(source).exists():
-            raise PrunekitError(f"cannot load a model from '{source}' ({exc}): check the folder's files") from exc
+            raise PrunekitError(f"cannot load a model from '{source}' ({_first_line(exc)}): "
+                                "check the folder's files") from exc
+        if _hub_said_not_found(exc):
+            raise PrunekitError(f"model '{name_or_path}' is neither a local folder nor a model on the Hugging Face hub "
+                                f"(or it is private or gated): check the name, or use one of "
+                                f"{', '.join(BUILTIN_MODELS)}") from exc
         raise UnreachableError(f"cannot reach the Hugging Face hub for model '{name_or_path}': connect to the "
                                "internet, or download it elsewhere and pass the local folder") from exc
     except ValueError as exc:
-        raise PrunekitError(f"model '{name_or_path}' cannot be loaded for task '{task}' ({exc}): "
+        raise PrunekitError(f"model '{name_or_path}' cannot be loaded for task '{task}' ({_first_line(exc)}): "
                             "choose a matching --task") from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model.to(target), tokenizer
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, shortened: transformers' messages can run to pages."""
+    lines = str(exc).strip().splitlines()
+    line = lines[0] if lines else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _hub_said_not_found(exc: BaseException) -> bool:
+    """True when the hub answered that the repo or revision does not exist (or is gated), not that it is unreachable."""
+    try:
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return False
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, RepositoryNotFoundError | RevisionNotFoundError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def count_parameters(model: nn.Module) -> int:

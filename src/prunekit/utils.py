@@ -6,7 +6,7 @@ import contextlib
 import os
 import random
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,7 +80,9 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """
     final = check_output_dir(out, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # mkdir, not mkdtemp: mkdtemp makes the folder private (0700) and the saved model would stay so
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     try:
         yield tmp
     except BaseException:
@@ -100,5 +102,5 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)

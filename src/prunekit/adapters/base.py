@@ -67,7 +67,8 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.config = model.config
+        # a bare nn.Module has no config: the generic adapter still finds its blocks, sizes stay unknown
+        self.config = getattr(model, "config", None)
 
     # ---- blocks -------------------------------------------------------------------------
     @property

@@ -36,7 +36,8 @@ def load_yaml(path: str) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise PrunekitError(f"config file '{path}' is not valid YAML ({exc.__class__.__name__}): fix its syntax") from exc
+        raise PrunekitError(
+            f"config file '{path}' is not valid YAML ({exc.__class__.__name__}): fix its syntax") from exc
     if not isinstance(loaded, dict):
         raise PrunekitError(f"config file '{path}' must hold a mapping of setting: value")
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
@@ -52,6 +53,8 @@ def resolve(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any
             raise PrunekitError(
                 f"config file '{args.config}' has unknown settings {', '.join(unknown)}: "
                 f"known are {', '.join(sorted(settings))}")
+        for key, value in from_file.items():
+            _check_type(args.config, key, value, settings[key])
         settings.update(from_file)
     for key, value in vars(args).items():
         if key in ("config", "print_config", "func", "debug", "command"):
@@ -59,6 +62,25 @@ def resolve(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any
         if value is not None:
             settings[key] = value
     return settings
+
+
+def _check_type(path: str, key: str, value: Any, default: Any) -> None:
+    """A YAML value must have its default's type (an int is fine for a float), or a later int() crashes."""
+    if default is None or value is None:
+        return
+    expected: type | tuple[type, ...]
+    if isinstance(default, bool):
+        expected, name = bool, "true or false"
+    elif isinstance(default, int):
+        expected, name = int, "a whole number"
+    elif isinstance(default, float):
+        expected, name = (int, float), "a number"
+    elif isinstance(default, str):
+        expected, name = str, "a string"
+    else:
+        return
+    if not isinstance(value, expected) or (isinstance(value, bool) and not isinstance(default, bool)):
+        raise PrunekitError(f"config file '{path}': {key} must be {name}, not {value!r}")
 
 
 def maybe_print_config(args: argparse.Namespace, settings: dict[str, Any]) -> bool:

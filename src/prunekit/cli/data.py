@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("names", nargs="*", help="datasets to prepare (default: austen reviews)")
     parser.add_argument("--from", dest="source", metavar="PATH",
                         help="prepare from a local file instead of downloading (a .deb, an sdist, a folder)")
+    parser.add_argument("--force", action="store_true", help="prepare again even if already in the cache")
     parser.set_defaults(func=run)
 
 
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action == "prepare":
         for name in args.names or ["austen", "reviews"]:
-            path = prepare_dataset(name, source=args.source) if args.source else prepare_dataset(name)
+            path = prepare_dataset(name, source=args.source, force=args.force)
             print(f"{name}: prepared in {path}")
         return 0
     table = Table(title="built-in datasets (also text:PATH, csv:PATH, jsonl:PATH, wikitext2, c4, ptb, glue/<task>)")
@@ -33,5 +34,5 @@ def run(args: argparse.Namespace) -> int:
     for row in list_datasets():
         table.add_row(str(row["name"]), str(row["kind"]), "yes" if row.get("prepared") else "no",
                       str(row.get("source", "")), str(row.get("description", "")))
-    Console().print(table)
+    Console(width=max(Console().width, 160)).print(table)
     return 0

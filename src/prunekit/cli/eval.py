@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from prunekit.cli.common import add_common, maybe_print_config, resolve
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_model(settings: dict[str, Any]) -> dict[str, Any]:
     """Load the model and data named in settings, evaluate, print a table; return the results."""
     from prunekit.data import ClassificationData, load_data
-    from prunekit.evaluate import evaluate, format_table
+    from prunekit.evaluate import evaluate, format_table, summary_row
     from prunekit.models import load_model
     from prunekit.utils import set_seed
 
@@ -73,13 +74,14 @@ def evaluate_model(settings: dict[str, Any]) -> dict[str, Any]:
         model, tokenizer, data, seq_len=int(settings["seq_len"]), stride=settings["stride"],
         max_tokens=settings["max_tokens"], split=split, latency_seq_len=int(settings["latency_seq_len"]),
         gen_tokens=int(settings["gen_tokens"]), path=_folder_or_none(settings["model"]),
-        device=settings["device"], measure_latency=bool(settings["latency"]))
+        device=settings["device"], measure_latency=bool(settings["latency"]), batch_size=int(settings["batch_size"]),
+        progress=sys.stderr.isatty())
     results["model"] = settings["model"]
     results["data"] = settings["data"]
     print(format_table([summary_row(settings["model"], results)], title=f"{settings['model']} on {settings['data']}"))
     for key in ("perplexity", "accuracy"):
-        if results.get(key) and results[key].get("protocol"):
-            print(f"protocol: {results[key]['protocol']}")
+        if results.get("protocol", {}).get(key):
+            print(f"{key} protocol: {results['protocol'][key]}")
     return results
 
 
@@ -91,21 +93,3 @@ def _folder_or_none(model: str) -> str | None:
     if model in BUILTIN_MODELS:
         return str(builtin_folder(model))
     return model if Path(model).is_dir() else None
-
-
-def summary_row(label: str, results: dict[str, Any]) -> dict[str, Any]:
-    """One table row from evaluate()'s results."""
-    row: dict[str, Any] = {"model": label}
-    if results.get("perplexity"):
-        row["perplexity"] = results["perplexity"]["perplexity"]
-    if results.get("accuracy"):
-        row["accuracy"] = results["accuracy"]["accuracy"]
-    size = results.get("size") or {}
-    row.update({"params": size.get("total_params"), "nonzero": size.get("nonzero_params"),
-                "sparsity": size.get("prunable_sparsity"), "bytes": size.get("bytes_on_disk")})
-    latency = results.get("latency") or {}
-    if latency:
-        row["latency_ms"] = latency.get("forward_ms_median")
-        row["decode_ms_per_token"] = latency.get("decode_ms_per_token")
-        row["tokens_per_s"] = latency.get("tokens_per_second")
-    return row

@@ -40,6 +40,7 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
@@ -48,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # --debug may come anywhere (`prunekit eval m --debug` too): only the top-level parser knows it
+    args = parser.parse_args((["--debug"] if debug else []) + [a for a in argv if a != "--debug"])
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if not args.command else 2
@@ -57,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrunekitError as exc:
         if debug:
             raise
-        print(f"prunekit: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # always one line, whatever the message holds
+        print(f"prunekit: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunekit: interrupted; nothing was written to the output folder", file=sys.stderr)

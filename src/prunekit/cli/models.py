@@ -26,5 +26,5 @@ def run(args: argparse.Namespace) -> int:
         table.add_column(column)
     for row in list_models():
         table.add_row(row["name"], row["params"], row["task"], row["package"], row["state"], row["description"])
-    Console().print(table)
+    Console(width=max(Console().width, 160)).print(table)
     return 0

@@ -52,12 +52,28 @@ FROM_HINT = "download the .deb elsewhere and run `prunekit data prepare austen -
 # R lazy-load database reader
 
 
-def _r_unserialize(raw: bytes) -> Any:
+def _r_parse(raw: bytes) -> Any:
     import rdata
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unknown file type")
-        return rdata.conversion.convert(rdata.parser.parse_data(raw))
+        return rdata.parser.parse_data(raw)
+
+
+def _r_unserialize(raw: bytes) -> Any:
+    import rdata
+
+    return rdata.conversion.convert(_r_parse(raw))
+
+
+def _r_strings(raw: bytes) -> list[str] | None:
+    """The strings of a serialised R character vector (NA -> ""); None for any other R object."""
+    import rdata
+
+    parsed = _r_parse(raw)
+    if parsed.object.info.type != rdata.parser.RObjectType.STR:
+        return None
+    return ["" if x is None else str(x) for x in rdata.conversion.convert(parsed).tolist()]
 
 
 def _decompress_chunk(blob: bytes, compressed: int) -> bytes:
@@ -88,12 +104,12 @@ def read_r_lazyload(base_path: str | Path) -> dict[str, list[str]]:
         index = _r_unserialize(gzip.decompress(rdx.read_bytes()))
         data = rdb.read_bytes()
         variables = index["variables"]
-        compressed = int(index.get("compressed", [1])[0]) if "compressed" in index else 1
+        compressed = int(index["compressed"][0]) if "compressed" in index else 1
         out: dict[str, list[str]] = {}
         for name, (offset, length) in variables.items():
-            obj = _r_unserialize(_decompress_chunk(data[int(offset):int(offset) + int(length)], compressed))
-            if getattr(obj, "dtype", None) is not None and obj.dtype.kind in "UO":
-                out[str(name)] = ["" if x is None else str(x) for x in obj.tolist()]
+            strings = _r_strings(_decompress_chunk(data[int(offset):int(offset) + int(length)], compressed))
+            if strings is not None:
+                out[str(name)] = strings
         return out
     except FileNotFoundError as exc:
         raise PrunekitError(f"R lazy-load database '{base}' not found ({exc.filename}): give the folder that "
@@ -120,7 +136,8 @@ def download_deb(dest: Path) -> Path:
     if proc.returncode != 0 or not debs:
         errors = [line for line in proc.stderr.splitlines() if line.startswith("E:")] or proc.stderr.splitlines()
         reason = errors[-1].strip() if errors else f"exit status {proc.returncode}"
-        raise UnreachableError(f"cannot download {PACKAGE} (apt unreachable: {reason}): {FROM_HINT}")
+        hint = "run `apt-get update` first, or " if "Unable to locate" in reason else ""
+        raise UnreachableError(f"cannot download {PACKAGE} (apt unreachable: {reason}): {hint}{FROM_HINT}")
     return debs[-1]
 
 
@@ -218,26 +235,23 @@ def prepare_austen(source: str | Path | None = None, overwrite: bool = False) ->
     """Get the novels (apt, .deb or folder) and store the splits plus one file per novel in the cache."""
     novels, origin = novels_from_source(source)
     data = build_austen(novels)
-    for name, text in novels.items():  # novels/<name>.txt for austen:NOVEL
-        data.splits[f"novel-{name}"] = text + "\n"
-    extra = {"package": PACKAGE, "package_version_expected": PACKAGE_VERSION,
-             "novel_lines": {n: t.count("\n") + 1 for n, t in novels.items()}}
     log.info("preparing austen from %s", origin)
-    return write_prepared("austen", data, origin, extra=extra, overwrite=overwrite, aliases={"calibration": "train"})
+    return write_prepared("austen", data, origin, overwrite=overwrite, aliases={"calibration": "train"},
+                          files={f"novel-{n}.txt": text + "\n" for n, text in novels.items()},
+                          extra={"package": PACKAGE, "package_version_expected": PACKAGE_VERSION})
 
 
-def austen_novel(data: TextData, novel: str) -> TextData:
-    """``austen:NOVEL``: one novel as the whole text; its last ~10% (cut at a line) is eval."""
-    key = f"novel-{novel}"
-    if key not in data.splits:
+def austen_novel(folder: Path, novel: str) -> TextData:
+    """``austen:NOVEL`` from the prepared folder: one novel as the whole text, its last ~10% (at a line) as eval."""
+    if novel not in NOVELS:
         raise PrunekitError(f"unknown novel '{novel}' for austen: use one of {', '.join(NOVELS)}")
-    head, tail = split_text_tail(data.splits[key])
+    path = folder / f"novel-{novel}.txt"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PrunekitError(f"prepared austen in '{folder}' lacks {path.name}: run `prunekit data prepare austen "
+                            "--force`") from exc
+    head, tail = split_text_tail(text)
     return TextData(f"austen:{novel}", {"calibration": head, "train": head, "eval": tail},
                     f"{NOVELS[novel]} by Jane Austen (r-cran-janeaustenr); calibration = train = the first ~90%, "
                     "eval = the last ~10% (cut at a line boundary).")
-
-
-def drop_novel_splits(data: TextData) -> TextData:
-    """The austen set without the per-novel entries kept in the cache for austen:NOVEL."""
-    data.splits = {k: v for k, v in data.splits.items() if not k.startswith("novel-")}
-    return data

@@ -172,39 +172,45 @@ def is_prepared(name: str) -> bool:
     return (folder_for(name) / "manifest.json").is_file()
 
 
+def _line_count(text: str) -> int:
+    return text.count("\n") + (0 if text.endswith("\n") or not text else 1)
+
+
 def write_prepared(name: str, data: Data, source: str, extra: dict[str, Any] | None = None,
-                   overwrite: bool = False, aliases: dict[str, str] | None = None) -> Path:
+                   overwrite: bool = False, aliases: dict[str, str] | None = None,
+                   files: dict[str, str] | None = None) -> Path:
     """Store ``data`` in its cache folder (written to a temporary folder, then renamed into place).
 
-    ``aliases`` maps a split name to another split whose file it shares (e.g. calibration -> train).
+    ``aliases`` maps a split name to another split whose file it shares (e.g. calibration -> train);
+    ``files`` are extra text files (name -> text) stored beside the splits and listed in the manifest.
     """
     final = folder_for(name)
+    overwrite = overwrite or (final.exists() and not is_prepared(name))  # replace a half-deleted folder
     aliases = aliases or {}
-    manifest: dict[str, Any] = {"name": name, "source": source, "description": data.description,
-                                "splits": {}, "counts": {}}
+    manifest: dict[str, Any] = {"name": name, "kind": "text" if isinstance(data, TextData) else "classification",
+                                "source": source, "description": data.description, "splits": {}, "counts": {}}
+    if isinstance(data, ClassificationData):
+        manifest["label_names"] = data.label_names
     try:
         with atomic_dir(final, overwrite=overwrite) as tmp:
+            written: dict[str, str] = {}
             for split, content in data.splits.items():
                 if split in aliases:
                     continue
                 if isinstance(content, str):
-                    fname = f"{split}.txt"
-                    (tmp / fname).write_text(content, encoding="utf-8")
-                    manifest["counts"][split] = {"characters": len(content), "lines": content.count("\n") + 1}
+                    written[split] = f"{split}.txt"
+                    (tmp / written[split]).write_text(content, encoding="utf-8")
+                    manifest["counts"][split] = {"characters": len(content), "lines": _line_count(content)}
                 else:
-                    fname = f"{split}.jsonl"
+                    written[split] = f"{split}.jsonl"
                     lines = [json.dumps({"text": list(t) if isinstance(t, tuple) else t, "label": y},
                                         ensure_ascii=False) for t, y in content]
-                    (tmp / fname).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+                    (tmp / written[split]).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
                     manifest["counts"][split] = {"examples": len(content)}
-                manifest["splits"][split] = fname
-            for split, target in aliases.items():
-                manifest["splits"][split] = manifest["splits"][target]
-            if isinstance(data, ClassificationData):
-                manifest["kind"] = "classification"
-                manifest["label_names"] = data.label_names
-            else:
-                manifest["kind"] = "text"
+            manifest["splits"] = {split: written[aliases.get(split, split)] for split in data.splits}
+            for fname, text in (files or {}).items():
+                (tmp / fname).write_text(text, encoding="utf-8")
+                manifest.setdefault("files", {})[fname] = {"characters": len(text), "lines": _line_count(text)}
             manifest.update(extra or {})
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
@@ -215,7 +221,7 @@ def write_prepared(name: str, data: Data, source: str, extra: dict[str, Any] | N
     return final
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: Path, name: str) -> dict[str, Any]:
     """The manifest of a prepared folder; a PrunekitError when it is missing or damaged."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
@@ -223,14 +229,14 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             raise ValueError("no 'splits' entry")
         return manifest
     except (OSError, ValueError) as exc:
-        raise PrunekitError(f"prepared data in '{folder}' is damaged ({exc}): delete that folder "
-                            "and prepare the dataset again") from exc
+        raise PrunekitError(f"prepared data in '{folder}' is damaged ({exc}): run `prunekit data "
+                            f"prepare {name} --force` or delete that folder") from exc
 
 
 def read_prepared(name: str) -> Data:
     """Load a prepared dataset from its cache folder."""
     folder = folder_for(name)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, name)
     try:
         if manifest.get("kind") == "classification":
             splits: dict[str, list[Example]] = {}
@@ -249,5 +255,5 @@ def read_prepared(name: str) -> Data:
         texts = {split: files[fname] for split, fname in manifest["splits"].items()}
         return TextData(name, texts, manifest.get("description", ""))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PrunekitError(f"prepared data in '{folder}' is damaged ({exc}): delete that folder "
-                            "and prepare the dataset again") from exc
+        raise PrunekitError(f"prepared data in '{folder}' is damaged ({exc}): run `prunekit data "
+                            f"prepare {name} --force` or delete that folder") from exc

@@ -89,8 +89,10 @@ def hub_load(label: str, repo: str, config: str | None = None, **kwargs: Any) ->
             return datasets.load_dataset(repo, config, revision="refs/convert/parquet", **kwargs)
     except Exception as exc:
         if _is_network_error(exc):
+            fallback = "save it as CSV/JSONL and use csv:PATH or jsonl:PATH" if label.startswith("glue/") \
+                else "save the text and use text:PATH"
             raise UnreachableError(f"cannot reach the Hugging Face hub for dataset '{label}': connect to the "
-                                   "internet, or save the text and use text:PATH") from exc
+                                   f"internet, or {fallback}") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PrunekitError(f"cannot load hub dataset '{label}' ({first}): check the name and config, or save "
                             "the data and use text:PATH, csv:PATH or jsonl:PATH") from exc

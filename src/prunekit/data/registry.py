@@ -86,14 +86,13 @@ def load_data(name: str) -> Data:
     if name.startswith("text:"):
         return local.load_text(name[5:])
     if name.startswith("austen:"):
-        prepare_dataset("austen")
-        data = read_prepared("austen")
-        assert isinstance(data, TextData)
-        return austen.austen_novel(data, name.split(":", 1)[1])
+        novel = name.split(":", 1)[1]
+        if novel not in austen.NOVELS:
+            raise PrunekitError(f"unknown novel '{novel}' for austen: use one of {', '.join(austen.NOVELS)}")
+        return austen.austen_novel(prepare_dataset("austen"), novel)
     if name in BUILTINS:
         prepare_dataset(name)
-        data = read_prepared(name)
-        return austen.drop_novel_splits(data) if isinstance(data, TextData) and name == "austen" else data
+        return read_prepared(name)
     if "/" in name and not name.startswith(("/", ".", "~")):
         return hub.load_hub_generic(name)
     raise _unknown(name)

@@ -160,7 +160,7 @@ def build_set(name: str, raw: bytes) -> ClassificationData:
 
 
 def prepare_vader(name: str, source: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Prepare ``name`` (and the other sentiment sets not yet prepared) from PyPI or a local file/folder."""
+    """Prepare ``name`` and the other sentiment sets (those not yet prepared, or all with ``overwrite``)."""
     with tempfile.TemporaryDirectory(prefix="prunekit-vader-") as tmpdir:
         if source is None:
             sdist = download_sdist(Path(tmpdir), name)
@@ -173,9 +173,8 @@ def prepare_vader(name: str, source: str | Path | None = None, overwrite: bool =
         raise PrunekitError(f"'{source}' has no {FILES[name]} (found {', '.join(sorted(files))}): give the full "
                             f"vaderSentiment 3.3.2 sdist")
     for other, fname in FILES.items():
-        if fname not in files or (other != name and is_prepared(other)):
+        if fname not in files or (other != name and is_prepared(other) and not overwrite):
             continue
         log.info("preparing %s from %s", other, origin)
-        write_prepared(other, build_set(other, files[fname]), origin, extra={"file": fname},
-                       overwrite=overwrite and other == name)
+        write_prepared(other, build_set(other, files[fname]), origin, extra={"file": fname}, overwrite=overwrite)
     return folder_for(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from prunekit.errors import PrunekitError
 from prunekit.evaluate.perplexity import eval_mode, output_logits, place_model
 
-ExampleText = Union[str, tuple[str, str]]
+ExampleText = str | tuple[str, str]
 
 
 @dataclass

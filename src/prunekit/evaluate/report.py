@@ -27,7 +27,7 @@ CLASSIFICATION_TASKS = ("accuracy", "classification")
 
 
 def _format_value(key: str, value: Any) -> str:
-    """A number formatted for its column: perplexity 2 decimals, sparsity %, bytes MB, params M."""
+    """A number formatted for its column: perplexity 2 decimals, sparsity %, bytes MB (10^6), params M."""
     if value is None:
         return "-"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -38,9 +38,9 @@ def _format_value(key: str, value: Any) -> str:
     if "sparsity" in name or name in ("accuracy", "acc") or name.endswith(("_accuracy", "_pct")):
         return f"{100 * value:.2f}%"
     if "bytes" in name or name.endswith(("_size", "size_mb")):
-        return f"{value / 1e6:,.1f} MB"
+        return f"{value / 1e6:,.1f} MB" if abs(value) >= 1e5 else f"{value / 1e3:,.1f} kB"
     if "params" in name or name in ("nonzero", "parameters"):
-        return f"{value / 1e6:,.2f}M"
+        return f"{value / 1e6:,.2f}M" if abs(value) >= 1e5 else f"{value:,.0f}"
     if name.endswith("_ms") or "_ms_" in name or name in ("latency", "ms"):
         return f"{value:,.2f} ms"
     if "per_second" in name or name.endswith("_per_s"):
@@ -67,8 +67,9 @@ def format_table(rows: list[dict[str, Any]], title: str | None = None, width: in
         table.add_row(*(_format_value(column, row.get(column)) for column in columns))
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, color_system=None, force_terminal=False, legacy_windows=False)
+    console.width = min(width, console.measure(table).maximum)  # title centred over the table, not the console
     console.print(table)
-    return buffer.getvalue()
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
 
 
 def summary_row(name: str, results: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +82,9 @@ def summary_row(name: str, results: dict[str, Any]) -> dict[str, Any]:
     size = results.get("size") or {}
     if size:
         row.update({"sparsity": size["prunable_sparsity"], "params": size["total_params"],
-                    "nonzero": size["nonzero_params"], "bytes": size["bytes_on_disk"] or size["bytes_in_memory"]})
+                    "nonzero": size["nonzero_params"], "memory_bytes": size["bytes_in_memory"]})
+        if size.get("bytes_on_disk") is not None:
+            row["disk_bytes"] = size["bytes_on_disk"]
     speed = results.get("latency") or {}
     if speed:
         row["latency_ms"] = speed["forward_ms_median"]
@@ -131,7 +134,7 @@ def evaluate(model: nn.Module, tokenizer: Any, data: Any = None, *, seq_len: int
              max_tokens: int | None = None, task: str | None = None, split: str = "eval", latency_seq_len: int = 128,
              latency_batch: int = 1, gen_tokens: int = 32, path: str | Path | None = None,
              device: str | torch.device | None = None, measure_latency: bool = True, progress: bool = True,
-             batch_size: int = 1, max_length: int = 128) -> dict[str, Any]:
+             batch_size: int = 1, accuracy_batch: int = 32, max_length: int = 128) -> dict[str, Any]:
     """Quality (perplexity on text data, accuracy on labelled data), size and speed, as one JSON-ready dict.
 
     Keys: 'perplexity' or 'accuracy' (when data is given), 'size', 'latency' (when measured), 'protocol'.
@@ -158,7 +161,7 @@ def evaluate(model: nn.Module, tokenizer: Any, data: Any = None, *, seq_len: int
             protocol.update({"split": split, "perplexity": ppl.protocol})
         else:
             used = _classification_split(data, split)
-            acc = accuracy(model, tokenizer, data.splits[used], batch_size=max(batch_size, 32),
+            acc = accuracy(model, tokenizer, data.splits[used], batch_size=accuracy_batch,
                            max_length=max_length, progress=progress, split=used)
             results["accuracy"] = asdict(acc)
             protocol.update({"split": used, "accuracy": (

@@ -109,7 +109,8 @@ def default_layers(model: nn.Module) -> dict[str, nn.Module]:
         return get_adapter(model).prunable_layers()
     except (ImportError, PrunekitError):
         pass
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     linear_types: tuple[type[nn.Module], ...] = (nn.Linear,)
     try:
         from transformers.pytorch_utils import Conv1D

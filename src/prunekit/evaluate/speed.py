@@ -2,9 +2,10 @@
 
 Protocol: random token ids (seeded) of shape (batch_size, seq_len); ``n_warmup`` untimed runs, then
 ``n_runs`` timed ones with ``time.perf_counter`` (CUDA synchronised on a GPU); the median and the
-quartiles are reported. Decoding: greedy generation with the KV cache after a ``seq_len`` prompt;
-time per generated token = (median time of ``gen_tokens`` new tokens - median time of 1 new token)
-/ (gen_tokens - 1), so prefill and generate's set-up cost cancel and only the decode steps remain.
+quartiles are reported. Decoding: ``model.generate`` greedy with the KV cache, ``gen_tokens`` new tokens
+after a ``seq_len`` prompt; a streamer notes when each new token comes out, so one run's time per
+generated token = (time of the last token - time of the first) / (gen_tokens - 1): the prefill (which
+yields the first token) is left out. The median over ``n_runs`` runs is reported.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers.generation.streamers import BaseStreamer
 
 from prunekit.errors import PrunekitError
 from prunekit.evaluate.perplexity import check_seq_len, eval_mode, forward_kwargs, max_positions, place_model
@@ -64,6 +66,29 @@ def _timed(fn: Callable[[], Any], device: torch.device, n_warmup: int, n_runs: i
         sync()
         times.append(time.perf_counter() - start)
     return times
+
+
+class _StepClock(BaseStreamer):
+    """A generate() streamer that notes the time each new token comes out (the first call is the prompt)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode_seconds(self) -> float:
+        """Mean time per decode step: from the first new token to the last, over the tokens in between."""
+        new = self.times[1:]  # times[0] is the prompt, handed over before the prefill
+        if len(new) < 2:
+            raise PrunekitError("generation stopped before a second token: latency needs --gen-tokens 2 or more")
+        return (new[-1] - new[0]) / (len(new) - 1)
 
 
 def _vocab_size(model: nn.Module, vocab_size: int | None) -> int:
@@ -113,20 +138,17 @@ def latency(model: nn.Module, batch_size: int = 1, seq_len: int = 128, n_warmup:
             pad = getattr(getattr(model, "config", None), "eos_token_id", None)
             if isinstance(pad, (list, tuple)):
                 pad = pad[0] if pad else None
-
-            def generate(n_new: int) -> Callable[[], Any]:
-                def call() -> Any:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        return model.generate(  # type: ignore[operator]
-                            input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
-                            do_sample=False, use_cache=True, pad_token_id=pad if pad is not None else 0)
-                return call
-
-            warm = max(1, n_warmup)
-            one = float(np.median(_timed(generate(1), run_device, warm, n_runs)))
-            many = float(np.median(_timed(generate(gen_tokens), run_device, warm, n_runs)))
-            decode_ms = max(many - one, 0.0) / (gen_tokens - 1) * 1e3
+            steps: list[float] = []
+            for run in range(max(1, n_warmup) + n_runs):
+                clock = _StepClock(run_device)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model.generate(  # type: ignore[operator]
+                        input_ids=ids, attention_mask=mask, max_new_tokens=gen_tokens, min_new_tokens=gen_tokens,
+                        do_sample=False, use_cache=True, pad_token_id=pad if pad is not None else 0, streamer=clock)
+                if run >= max(1, n_warmup):
+                    steps.append(clock.decode_seconds())
+            decode_ms = float(np.median(steps)) * 1e3
 
     median = float(np.median(forward))
     q25, q75 = (float(x) for x in np.percentile(forward, [25, 75]))

@@ -1,0 +1,347 @@
+"""The block-by-block engine: capture the first block's inputs, then observe, change and replay each block.
+
+1. The calibration batch runs through the embeddings one micro-batch at a time; a forward pre-hook on
+   the first block stores EVERY positional and keyword argument it receives (hidden states, attention
+   mask, position ids, rotary ``position_embeddings``, cache flags, ...) and stops the forward. Caches
+   are disabled (``use_cache=False``) and any captured cache object is replaced by None.
+2. For each block: its layers to observe are hooked and the calibration inputs run through the dense
+   block (the *stats pass*; it stops after the last hooked layer has seen its input); a visitor then
+   changes the block (prunes it); the inputs run through the changed block (the *replay*), and its
+   outputs become the next block's inputs.
+
+Layers that read the very same input tensor (q/k/v, gate/up) share one observer, so statistics are
+gathered once per input stream. Only the current block and the activations live on ``device``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from prunekit.adapters import get_adapter
+from prunekit.errors import PrunekitError
+
+CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
+
+
+class Observer(Protocol):
+    """Anything that collects statistics from a layer's inputs."""
+
+    def add_batch(self, inputs: torch.Tensor) -> None: ...
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (private to this module)."""
+
+
+@dataclass
+class BlockInputs:
+    """The arguments of one call of a block, for one calibration micro-batch."""
+
+    hidden: torch.Tensor
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    hidden_key: str | None = None  # set when the hidden states were passed by keyword
+
+    def call(self, block: nn.Module) -> torch.Tensor:
+        """Run ``block`` on these inputs; returns the output hidden states (tuple outputs are unpacked)."""
+        if self.hidden_key is not None:
+            out = block(*self.args, **{**self.kwargs, self.hidden_key: self.hidden})
+        else:
+            out = block(self.hidden, *self.args, **self.kwargs)
+        return block_output(out)
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states a block returned: a tensor (transformers 5) or the first item of a tuple/ModelOutput."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple | list) or hasattr(out, "to_tuple"):
+        first = out[0]
+        if isinstance(first, torch.Tensor):
+            return first
+    raise PrunekitError(f"a transformer block returned {type(out).__name__}, not hidden states: "
+                        "this model family needs an adapter (see prunekit/adapters)")
+
+
+class BlockVisitor:
+    """What the engine does with each block; subclass and override what you need.
+
+    ``modifies = False`` promises the block is left unchanged, so the stats pass runs to the end and
+    its outputs are reused instead of a replay.
+    """
+
+    modifies: bool = True
+
+    def layers(self, index: int, block: nn.Module) -> dict[str, nn.Module]:
+        """Layers of this block to observe, by full module name (empty: no stats pass)."""
+        return {}
+
+    def observer(self, name: str, layer: nn.Module, in_features: int) -> Observer:
+        """A new observer for the input stream first read by ``name``."""
+        raise NotImplementedError
+
+    def finish(self, index: int, block: nn.Module, layers: dict[str, nn.Module],
+               observers: dict[str, Observer]) -> None:
+        """Called after the stats pass: change the block (``observers`` maps each layer to its observer)."""
+
+    def outputs(self, index: int, hidden: list[torch.Tensor]) -> None:
+        """Called with the block's output hidden states, one tensor per micro-batch."""
+
+
+@dataclass
+class EngineReport:
+    """What the engine did and how long it took (seconds)."""
+
+    blocks: int = 0
+    samples: int = 0
+    tokens: int = 0
+    micro_batch_size: int = 0
+    capture_s: float = 0.0
+    stats_s: float = 0.0
+    change_s: float = 0.0
+    replay_s: float = 0.0
+    device: str = "cpu"
+
+    @property
+    def total_s(self) -> float:
+        return self.capture_s + self.stats_s + self.change_s + self.replay_s
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> dict[int, torch.device]:
+    """Move every parameter and buffer NOT inside ``blocks`` to ``device``; returns their old devices."""
+    inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
+    old: dict[int, torch.device] = {}
+    with torch.no_grad():
+        for module in model.modules():
+            for attr in ("_parameters", "_buffers"):
+                tensors = getattr(module, attr)
+                for key, tensor in list(tensors.items()):
+                    if tensor is None or id(tensor) in inside or tensor.device == device:
+                        continue
+                    old.setdefault(id(tensor), tensor.device)
+                    tensor.data = tensor.data.to(device)
+    return old
+
+
+def _restore_outside(model: nn.Module, old: dict[int, torch.device]) -> None:
+    with torch.no_grad():
+        for module in model.modules():
+            for attr in ("_parameters", "_buffers"):
+                for tensor in getattr(module, attr).values():
+                    if tensor is not None and id(tensor) in old:
+                        tensor.data = tensor.data.to(old[id(tensor)])
+
+
+def _neutralise(value: Any) -> Any:
+    """Replace cache objects (which would grow across calls) by None."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return value
+    return None if isinstance(value, Cache) else value
+
+
+def _forward_flags(model: nn.Module) -> dict[str, Any]:
+    """``use_cache=False`` when the model's forward takes it."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def capture_block_inputs(model: nn.Module, calibration: torch.Tensor, *, device: torch.device,
+                         micro_batch_size: int = 8) -> list[BlockInputs]:
+    """Run the calibration batch up to the first block, one micro-batch at a time; return each call's inputs."""
+    blocks = get_adapter(model).blocks()
+    captured: list[BlockInputs] = []
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = {k: (None if k in CACHE_KWARGS else _neutralise(v)) for k, v in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        if args:
+            captured.append(BlockInputs(args[0], tuple(_neutralise(a) for a in args[1:]), kwargs))
+        elif "hidden_states" in kwargs:
+            hidden = kwargs.pop("hidden_states")
+            captured.append(BlockInputs(hidden, (), kwargs, hidden_key="hidden_states"))
+        else:
+            raise PrunekitError("the first transformer block was called without hidden states: "
+                                "this model family needs an adapter (see prunekit/adapters)")
+        raise _StopForward
+
+    flags = _forward_flags(model)
+    old = _move_outside(model, blocks, device)
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for start in range(0, calibration.shape[0], micro_batch_size):
+                batch = calibration[start:start + micro_batch_size].to(device)
+                before = len(captured)
+                try:
+                    model(input_ids=batch, **flags)
+                except _StopForward:
+                    pass
+                if len(captured) != before + 1:
+                    raise PrunekitError("the model never called its first transformer block: "
+                                        "this model family needs an adapter (see prunekit/adapters)")
+    finally:
+        handle.remove()
+        _restore_outside(model, old)
+    return captured
+
+
+class _StatsPass:
+    """Hooks on a block's layers that feed one observer per shared input stream."""
+
+    def __init__(self, layers: dict[str, nn.Module], visitor: BlockVisitor) -> None:
+        self.layers = layers
+        self.visitor = visitor
+        self.observers: dict[str, Observer] = {}
+        self.leader: dict[str, str] = {}
+        self.seen: list[tuple[torch.Tensor, str]] = []
+        self.calls: dict[str, int] = {}
+        self.order: list[str] = []
+        self.first = True
+        self.stop_after: str | None = None
+
+    def hook_for(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            shared = next((owner for t, owner in self.seen if t is x), None)
+            if self.first:
+                if name in self.leader:  # a second call of the same layer in one forward
+                    self.calls[name] += 1
+                    self.observers[name].add_batch(x)
+                    return
+                self.calls[name] = 1
+                self.order.append(name)
+                if shared is None:
+                    self.observers[name] = self.visitor.observer(name, module, x.shape[-1])
+                    self.seen.append((x, name))
+                    shared = name
+                else:
+                    self.observers[name] = self.observers[shared]
+                self.leader[name] = shared
+            else:
+                if shared is None:
+                    self.seen.append((x, name))
+                    shared = name
+                if self.leader.get(name) != shared:
+                    raise RuntimeError(f"layer {name} shared its input differently between micro-batches")
+            if shared == name:
+                self.observers[name].add_batch(x)
+            if name == self.stop_after:
+                raise _StopForward
+        return hook
+
+    def run(self, block: nn.Module, inputs: list[BlockInputs], keep_outputs: bool) -> list[torch.Tensor]:
+        handles = [layer.register_forward_pre_hook(self.hook_for(name), with_kwargs=True)
+                   for name, layer in self.layers.items()]
+        outputs: list[torch.Tensor] = []
+        try:
+            for inp in inputs:
+                self.seen = []
+                try:
+                    out = inp.call(block)
+                    if keep_outputs:
+                        outputs.append(out)
+                except _StopForward:
+                    pass
+                if self.first:
+                    self.first = False
+                    # every layer ran once: later micro-batches may stop after the last one's input
+                    if not keep_outputs and self.order and all(c == 1 for c in self.calls.values()):
+                        self.stop_after = self.order[-1]
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.seen = []
+        missing = [name for name in self.layers if name not in self.observers]
+        if missing:
+            raise PrunekitError(f"layers {', '.join(missing)} were never called by their block, so they got no "
+                                "calibration inputs: exclude them (--exclude)")
+        return outputs
+
+
+def run_blockwise(model: nn.Module, calibration: torch.Tensor, visitor: BlockVisitor, *,
+                  device: str | torch.device | None = None, micro_batch_size: int = 8, progress: bool = True,
+                  desc: str = "blocks") -> EngineReport:
+    """Go through the model's blocks in order with ``visitor`` (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    from prunekit.utils import resolve_device
+
+    if calibration.dim() != 2 or calibration.dtype != torch.long:
+        raise PrunekitError(f"calibration must be a LongTensor [samples, seq_len] of token ids, got "
+                            f"{calibration.dtype} with shape {tuple(calibration.shape)}")
+    run_device = resolve_device(device)
+    blocks = get_adapter(model).blocks()
+    report = EngineReport(blocks=len(blocks), samples=int(calibration.shape[0]), tokens=int(calibration.numel()),
+                          micro_batch_size=micro_batch_size, device=str(run_device))
+    with _eval_mode(model):
+        start = time.perf_counter()
+        inputs = capture_block_inputs(model, calibration, device=run_device, micro_batch_size=micro_batch_size)
+        report.capture_s = time.perf_counter() - start
+        for index, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
+            home = _module_device(block)
+            with torch.no_grad():
+                block.to(run_device)
+            try:
+                _visit_block(index, block, inputs, visitor, report)
+            finally:
+                with torch.no_grad():
+                    block.to(home)
+    return report
+
+
+def _visit_block(index: int, block: nn.Module, inputs: list[BlockInputs], visitor: BlockVisitor,
+                 report: EngineReport) -> None:
+    """Stats pass, change, replay (or reuse) for one block; the inputs are replaced by its outputs."""
+    layers = visitor.layers(index, block)
+    outputs: list[torch.Tensor] = []
+    start = time.perf_counter()
+    if layers:
+        stats = _StatsPass(layers, visitor)
+        with torch.inference_mode():
+            outputs = stats.run(block, inputs, keep_outputs=not visitor.modifies)
+        report.stats_s += time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.inference_mode():
+            visitor.finish(index, block, layers, stats.observers)
+        report.change_s += time.perf_counter() - start
+        start = time.perf_counter()
+    if not outputs:
+        with torch.inference_mode():
+            outputs = [inp.call(block) for inp in inputs]
+    report.replay_s += time.perf_counter() - start
+    visitor.outputs(index, outputs)
+    for inp, out in zip(inputs, outputs, strict=True):
+        inp.hidden = out

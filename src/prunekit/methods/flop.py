@@ -1,0 +1,311 @@
+"""FLOP (Wang, Wohlwend & Lei 2020): structured pruning by factorised L0 gates, as a TrainingMethod.
+
+Every block linear W (d_out × d_in) becomes P·diag(z)·Q, initialised from its SVD (P = U√S, Q = √S·Vᵀ,
+rank d_in·d_out/(d_in + d_out) by default or ``rank="full"``), with one hard-concrete gate z_k per
+rank-1 component (learnable log α_k; l = −0.1, r = 1.1, β = 2/3). Training minimises the task loss
+plus λ1(ŝ − t) + λ2(ŝ − t)², where ŝ = 1 − Σ (d_in + d_out)·Σ_k P(z_k ≠ 0) / Σ d_in·d_out is the
+expected sparsity and t ramps linearly from 0 to the target over the warm-up; λ1, λ2 are raised by
+gradient ascent (Adam, ``maximize=True``) in :meth:`FlopMethod.after_backward`, and the gates get
+their own optimiser group (:meth:`FlopMethod.param_groups`).
+
+Gate learning rate: FLOP's code used 3× the model's rate, at language-model rates (~1e-3). At
+fine-tuning rates (5e-5) that moves log α by ~1e-4 a step, far too slowly to reach a target in a
+short run, so the default is ``gate_lr=0.01`` (CoFi's rate); ``gate_lr_scale=3`` gives FLOP's rule.
+
+At the end each layer keeps n = round(Σ_k P(z_k ≠ 0)) components, those with the largest
+deterministic gates sigmoid(0.8·log α/β), with z folded into P, and becomes two dense products
+(:class:`LowRankLinear`), or one dense layer again where n·(d_in + d_out) ≥ d_in·d_out. Such a model
+reloads with ``prunekit.load`` (loader ``flop``); ``fold=True`` multiplies P·Q back into plain dense
+layers, which plain ``from_pretrained`` reloads (same outputs, no speed-up).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from prunekit.adapters import get_adapter, weight_view
+from prunekit.errors import PrunekitError
+from prunekit.finetune.hooks import TrainingMethod
+
+LEFT, RIGHT, BETA = -0.1, 1.1, 2.0 / 3.0
+
+
+# ---- hard-concrete gates ---------------------------------------------------------------------------
+def keep_probability(log_alpha: torch.Tensor, beta: float = BETA, left: float = LEFT,
+                     right: float = RIGHT) -> torch.Tensor:
+    """P(z ≠ 0) = sigmoid(log α − β·log(−l/r)) for each gate."""
+    return torch.sigmoid(log_alpha - beta * math.log(-left / right))
+
+
+def sample_gates(log_alpha: torch.Tensor, beta: float = BETA, left: float = LEFT, right: float = RIGHT,
+                 eps: float = 1e-6) -> torch.Tensor:
+    """A hard-concrete sample: s = sigmoid((log u − log(1 − u) + log α)/β), z = clamp(s·(r − l) + l, 0, 1)."""
+    u = torch.rand_like(log_alpha).clamp(eps, 1 - eps)
+    s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_alpha) / beta)
+    return (s * (right - left) + left).clamp(0.0, 1.0)
+
+
+def kept_count(log_alpha: torch.Tensor, beta: float = BETA, left: float = LEFT, right: float = RIGHT) -> int:
+    """n = round(Σ P(z ≠ 0)), at least 1: how many components a layer keeps in the end."""
+    return max(1, int(round(float(keep_probability(log_alpha.detach(), beta, left, right).sum()))))
+
+
+def deterministic_gates(log_alpha: torch.Tensor, beta: float = BETA, left: float = LEFT,
+                        right: float = RIGHT) -> torch.Tensor:
+    """Test-time gates: sigmoid(0.8·log α/β) for the n largest, zero for the rest (FLOP's code)."""
+    soft = torch.sigmoid(log_alpha / beta * 0.8)
+    keep = torch.topk(soft, kept_count(log_alpha, beta, left, right)).indices
+    gates = torch.zeros_like(soft)
+    gates[keep] = soft[keep]
+    return gates
+
+
+# ---- layers ---------------------------------------------------------------------------------------------
+class LowRankLinear(nn.Module):
+    """y = P·(Q·x) + b as two dense layers: ``q`` (d_in → rank, no bias), then ``p`` (rank → d_out)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.q = nn.Linear(in_features, rank, bias=False)
+        self.p = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.p(self.q(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def dense_layer(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool) -> nn.Module:
+    """A plain layer with ``weight`` (out, in): nn.Linear, or GPT-2's Conv1D (stored (in, out))."""
+    out_features, in_features = weight.shape
+    layer: nn.Module
+    if conv1d:
+        layer = Conv1D(out_features, in_features)
+        layer.weight = nn.Parameter(weight.t().contiguous())
+        layer.bias = nn.Parameter(bias.clone() if bias is not None else torch.zeros(out_features, dtype=weight.dtype))
+    else:
+        layer = nn.Linear(in_features, out_features, bias=bias is not None, dtype=weight.dtype)
+        layer.weight = nn.Parameter(weight.contiguous())
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.clone())
+    return layer.to(weight.device)
+
+
+class FactorizedLinear(nn.Module):
+    """W = P·diag(z)·Q with hard-concrete gates z: sampled in training, deterministic in eval mode."""
+
+    def __init__(self, layer: nn.Module, rank: int | str = "param", beta: float = BETA, left: float = LEFT,
+                 right: float = RIGHT, drop_init: float = 0.5, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        weight = weight_view(layer).detach()
+        self.out_features, self.in_features = weight.shape
+        self.conv1d = isinstance(layer, Conv1D)
+        self.beta, self.left, self.right = beta, left, right
+        full = min(self.in_features, self.out_features)
+        if rank == "full":
+            r = full
+        elif rank == "param":
+            r = self.in_features * self.out_features // (self.in_features + self.out_features)
+        else:
+            r = int(rank)
+        r = max(1, min(r, full))
+        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        root = s[:r].sqrt()
+        self.p = nn.Parameter((u[:, :r] * root).to(weight.dtype))
+        self.q = nn.Parameter((root[:, None] * vh[:r]).to(weight.dtype))
+        bias = getattr(layer, "bias", None)
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        mean = math.log(1 - drop_init) - math.log(drop_init)
+        init = torch.randn(r, generator=generator) * 0.01 + mean
+        self.log_alpha = nn.Parameter(init.to(weight.device))
+
+    @property
+    def rank(self) -> int:
+        return self.p.shape[1]
+
+    def gates(self) -> torch.Tensor:
+        args = (self.beta, self.left, self.right)
+        return sample_gates(self.log_alpha, *args) if self.training else deterministic_gates(self.log_alpha, *args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.linear(x, self.q) * self.gates().to(x.dtype)
+        return F.linear(hidden, self.p, self.bias)
+
+    def expected_rank(self) -> torch.Tensor:
+        """Σ_k P(z_k ≠ 0), differentiable in log α."""
+        return keep_probability(self.log_alpha, self.beta, self.left, self.right).sum()
+
+    def compiled(self, fold: bool = False) -> nn.Module:
+        """The smallest plain form with the deterministic gates folded into P (see the module docstring)."""
+        with torch.no_grad():
+            gates = deterministic_gates(self.log_alpha, self.beta, self.left, self.right)
+            keep = torch.nonzero(gates).reshape(-1)
+            p = self.p[:, keep] * gates[keep].to(self.p.dtype)
+            q = self.q[keep]
+            n = len(keep)
+            bias = self.bias.detach() if self.bias is not None else None
+            if fold or n * (self.in_features + self.out_features) >= self.in_features * self.out_features:
+                return dense_layer(p @ q, bias, self.conv1d)
+            layer = LowRankLinear(self.in_features, self.out_features, n, bias=bias is not None)
+            layer.q.weight = nn.Parameter(q.clone().contiguous())
+            layer.p.weight = nn.Parameter(p.clone().contiguous())
+            if bias is not None:
+                layer.p.bias = nn.Parameter(bias.clone())
+            return layer
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+# ---- the training method ---------------------------------------------------------------------------------
+class FlopMethod(TrainingMethod):
+    """Factorise, learn gates toward a target sparsity, then make each layer small (see the module docstring).
+
+    ``warmup_steps``: steps over which the target ramps from 0 (int), or a fraction of the run (float
+    in (0, 1)); None = half the run.
+    """
+
+    name = "flop"
+
+    def __init__(self, sparsity: float, warmup_steps: int | float | None = None, lr: float = 5e-5,
+                 gate_lr: float | None = None, gate_lr_scale: float | None = None, lambda_lr: float = 0.01,
+                 rank: int | str = "param", beta: float = BETA, left: float = LEFT, right: float = RIGHT,
+                 drop_init: float = 0.5, fold: bool = False, seed: int = 0) -> None:
+        if not 0.0 <= float(sparsity) < 1.0:
+            raise PrunekitError(f"--sparsity {sparsity} is outside [0, 1): give a fraction such as 0.7")
+        if not (left < 0.0 and right > 1.0 and beta > 0.0 and 0.0 < drop_init < 1.0):
+            raise PrunekitError("hard-concrete settings need left < 0, right > 1, beta > 0 and 0 < drop_init < 1 "
+                                "(defaults -0.1, 1.1, 2/3 and 0.5)")
+        if not (rank in ("param", "full") or (isinstance(rank, int) and rank >= 1)):
+            raise PrunekitError(f"FLOP rank '{rank}' is not valid: use param, full or a positive integer")
+        self.target = float(sparsity)
+        self.warmup_setting = warmup_steps
+        self.gate_lr = float(gate_lr) if gate_lr is not None else (
+            float(gate_lr_scale) * float(lr) if gate_lr_scale is not None else 0.01)
+        self.lambda_lr, self.rank = float(lambda_lr), rank
+        self.beta, self.left, self.right, self.drop_init = float(beta), float(left), float(right), float(drop_init)
+        self.fold, self.seed = bool(fold), int(seed)
+        self.layers: dict[str, FactorizedLinear] = {}
+        self.dense_params = 0
+        self.warmup = 1
+        self.lambdas = torch.zeros(2, requires_grad=True)
+        self.lambda_optimizer = torch.optim.Adam([self.lambdas], lr=self.lambda_lr, maximize=True)
+        self.last: dict[str, float] = {}
+
+    def setup(self, model: nn.Module, *, total_steps: int, n_train: int) -> nn.Module:
+        try:
+            found = get_adapter(model).prunable_layers()
+        except PrunekitError:
+            found = {}
+        if not found:
+            raise PrunekitError("flop found no prunable linear layer in the model's blocks: use a transformer with an "
+                                "adapter (llama, qwen2, gpt2, opt, bert families)")
+        generator = torch.Generator().manual_seed(self.seed)
+        for name, layer in found.items():
+            factorised = FactorizedLinear(layer, self.rank, self.beta, self.left, self.right, self.drop_init, generator)
+            _replace(model, name, factorised)
+            self.layers[name] = factorised
+        self.dense_params = sum(f.in_features * f.out_features for f in self.layers.values())
+        self.warmup = max(1, self._resolve_warmup(total_steps))
+        return model
+
+    def _resolve_warmup(self, total_steps: int) -> int:
+        value = self.warmup_setting
+        if value is None:
+            return int(round(0.5 * total_steps))
+        if isinstance(value, float) and 0.0 < value < 1.0:
+            return int(round(value * total_steps))
+        return int(value)
+
+    def settings(self) -> dict[str, Any]:
+        return {"sparsity": self.target, "warmup_steps": self.warmup, "gate_lr": self.gate_lr,
+                "lambda_lr": self.lambda_lr, "rank": self.rank, "beta": self.beta, "left": self.left,
+                "right": self.right, "drop_init": self.drop_init, "fold": self.fold}
+
+    def target_at(self, step: int) -> float:
+        """Target sparsity at ``step``: linear from 0 to the final target over the warm-up."""
+        return self.target * min(1.0, step / self.warmup)
+
+    def expected_sparsity(self) -> torch.Tensor:
+        """ŝ = 1 − Σ (d_in + d_out)·Σ_k P(z_k ≠ 0) / Σ d_in·d_out over the factorised layers."""
+        kept = sum((f.in_features + f.out_features) * f.expected_rank() for f in self.layers.values())
+        return 1.0 - kept / self.dense_params  # type: ignore[return-value]
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": [f.log_alpha for f in self.layers.values()], "lr": self.gate_lr, "weight_decay": 0.0}]
+
+    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        if not self.layers:
+            return None
+        expected = self.expected_sparsity()
+        target = self.target_at(step)
+        gap = expected - target
+        lambdas = self.lambdas.to(expected.device)
+        lambda1, lambda2 = self.lambdas.detach().tolist()
+        self.last = {"expected_sparsity": float(expected.detach()), "target_sparsity": target,
+                     "lambda1": lambda1, "lambda2": lambda2}
+        return lambdas[0] * gap + lambdas[1] * gap * gap
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        if self.lambdas.grad is not None:
+            self.lambda_optimizer.step()  # gradient ascent on λ1, λ2
+            self.lambda_optimizer.zero_grad(set_to_none=True)
+
+    def finalize(self, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+        expected = float(self.expected_sparsity()) if self.layers else 0.0
+        layers: dict[str, dict[str, Any]] = {}
+        factorised: dict[str, dict[str, Any]] = {}
+        kept_params = 0
+        for name, layer in self.layers.items():
+            compact = layer.compiled(self.fold)
+            _replace(model, name, compact)
+            n = kept_count(layer.log_alpha, self.beta, self.left, self.right)
+            params = sum(p.numel() for n_, p in compact.named_parameters() if not n_.endswith("bias"))
+            kept_params += params
+            form = "factorised" if isinstance(compact, LowRankLinear) else "dense"
+            layers[name] = {"in": layer.in_features, "out": layer.out_features, "rank": layer.rank, "kept": n,
+                            "form": form, "params": params}
+            if isinstance(compact, LowRankLinear):
+                factorised[name] = {"in": layer.in_features, "out": layer.out_features, "rank": compact.rank,
+                                    "bias": compact.p.bias is not None}
+        config = getattr(model, "config", None)
+        if config is not None:
+            if factorised:
+                config.prunekit_factorised = factorised
+            elif hasattr(config, "prunekit_factorised"):
+                delattr(config, "prunekit_factorised")
+        facts = {"method": self.name, "method_settings": self.settings(), "target_sparsity": self.target,
+                 "expected_sparsity": expected, "sparsity": 1.0 - kept_params / max(1, self.dense_params),
+                 "lambdas": self.lambdas.detach().tolist(), "layers": layers, "factorised": factorised,
+                 "loader": "flop" if factorised else None, "plain_reload": not factorised,
+                 "parameters": sum(p.numel() for p in model.parameters())}
+        self.layers = {}
+        return model, facts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lambdas": self.lambdas.detach().clone(), "lambda_optimizer": self.lambda_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.lambdas.copy_(state["lambdas"])
+        self.lambda_optimizer.load_state_dict(state["lambda_optimizer"])
+
+
+def _register() -> None:
+    """Add ``flop`` to the training methods (the registry imports this module as a plugin)."""
+    from prunekit.methods.gradual import TRAINING_METHODS
+
+    TRAINING_METHODS["flop"] = FlopMethod
+
+
+_register()

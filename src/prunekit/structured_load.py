@@ -1,0 +1,93 @@
+"""Reload models whose shapes a config cannot say: per-block head/FFN sizes, factorised (FLOP) layers.
+
+The model is built from its config as usual, then cut to the per-block shapes recorded in
+``config.prunekit_structure`` (or the record's ``structure``), its factorised layers (recorded in
+``config.prunekit_factorised`` or the record's ``factorised``) are replaced by two-factor layers of
+the recorded rank, and only then are the safetensors weights loaded, strictly.
+Registered with :mod:`prunekit.export` as the loaders ``structured`` and ``flop``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.export import register_loader
+from prunekit.surgery import STRUCTURE_ATTR, shrink_to
+
+FACTORISED_ATTR = "prunekit_factorised"
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a saved folder (one file or shards listed in the index)."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise PrunekitError(f"'{folder}' has no model.safetensors: save the model again with prunekit")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(folder / name)))
+    return state
+
+
+def load_weights(model: nn.Module, folder: Path) -> None:
+    """Load the folder's weights into ``model``; every parameter must be given unless it is tied to one that is."""
+    state = read_safetensors(folder)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise PrunekitError(f"'{folder}' holds weights the rebuilt model lacks ({unexpected[0]}, ...): "
+                            "the folder and its prunekit record disagree, save the model again")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in params if k not in missing}
+    untied = [k for k in missing if k in params and id(params[k]) not in loaded]
+    if untied:
+        raise PrunekitError(f"'{folder}' lacks the weights {untied[0]} of the rebuilt model: "
+                            "the folder and its prunekit record disagree, save the model again")
+
+
+def build_model(config: Any, task: str, num_labels: int) -> nn.Module:
+    """A freshly initialised model of the config's architecture for ``task``."""
+    from prunekit.models import auto_class
+
+    if task == "classification" and not getattr(config, "num_labels", None):
+        config.num_labels = num_labels
+    return auto_class(task).from_config(config)
+
+
+def apply_factorised(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
+    """Replace each named layer by an empty two-factor layer of the recorded rank."""
+    from prunekit.methods.flop import LowRankLinear
+
+    for name, info in layers.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = LowRankLinear(int(info["in"]), int(info["out"]), int(info["rank"]), bias=bool(info["bias"]))
+        setattr(parent, attr, layer)
+
+
+def load_structured(folder: Path, config: Any, record: dict[str, Any], task: str, num_labels: int) -> nn.Module:
+    """The prunekit loader for structurally pruned and factorised models; see the module docstring."""
+    model = build_model(config, task, num_labels)
+    shapes = getattr(config, STRUCTURE_ATTR, None) or record.get("structure")
+    if shapes:
+        shrink_to(model, shapes["layers"] if isinstance(shapes, dict) else shapes)
+    factorised = getattr(config, FACTORISED_ATTR, None) or record.get("factorised")
+    if factorised:
+        apply_factorised(model, factorised)
+    load_weights(model, Path(folder))
+    model.eval()
+    return model
+
+
+register_loader("structured", load_structured)
+register_loader("flop", load_structured)
