@@ -26,7 +26,8 @@ data: setup
 
 demo: setup
 	$(BIN)/prunekit data prepare austen
-	$(BIN)/prunekit eval smollm2-135m --data austen --seq-len 512 --max-tokens 16384 --json out/demo-dense.json
+	$(BIN)/prunekit prune smollm2-135m --method wanda --sparsity 0.5 --calib austen --calib-samples 32 \
+		--seq-len 512 --eval austen --eval-tokens 16384 --out $(DEMO_OUT) --overwrite
 
 test: setup
 	$(BIN)/ruff check src tests bench

@@ -16,28 +16,12 @@ VOCAB = 96
 
 
 def tiny_model(family: str, layers: int = 3) -> nn.Module:
-    """A tiny random model of one family (hidden 32-64), seeded."""
-    import transformers as tf
+    """A tiny seeded random model (conftest's builder; llama has grouped-query attention, gpt2 Conv1D)."""
+    from conftest import build_tiny_model
 
-    torch.manual_seed(0)
-    if family == "llama":  # grouped-query attention: 4 heads, 2 key/value heads
-        config = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-        return tf.LlamaForCausalLM(config).eval()
     if family == "gpt2":
-        config = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
-                               bos_token_id=0, eos_token_id=0)
-        return tf.GPT2LMHeadModel(config).eval()
-    if family == "opt":
-        config = tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=layers,
-                              num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
-                              pad_token_id=1, bos_token_id=0, eos_token_id=0)
-        return tf.OPTForCausalLM(config).eval()
-    if family == "bert":
-        config = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                               num_attention_heads=4, max_position_embeddings=64)
-        return tf.BertForMaskedLM(config).eval()
-    raise ValueError(family)
+        return build_tiny_model(family, n_layer=layers)
+    return build_tiny_model(family, num_hidden_layers=layers)
 
 
 FAMILIES = ["llama", "gpt2", "opt", "bert"]
@@ -170,3 +154,53 @@ def test_engine_prunes_sequentially_from_the_pruned_outputs() -> None:
     alone = dict(dense.named_modules())[name].weight != 0
     assert not torch.equal(got, alone)
     assert abs(got.float().mean().item() - 0.4) < 0.02
+
+
+class ToyBlock(nn.Module):
+    """A block in an older style: hidden states by keyword, a per-sample tensor kwarg, a tuple output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+
+    def forward(self, hidden_states: torch.Tensor, scale: torch.Tensor | None = None,
+                layer_past: object = None) -> tuple[torch.Tensor, None]:
+        return hidden_states + self.fc2(torch.relu(self.fc1(hidden_states))) * scale, None
+
+
+class ToyModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(model_type="toy")
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.layers = nn.ModuleList([ToyBlock() for _ in range(3)])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        scale = (input_ids[:, :1].float() / VOCAB + 0.5).reshape(-1, 1, 1)  # one value per sample
+        for block in self.layers:
+            hidden = block(hidden_states=hidden, scale=scale, layer_past=object())[0]
+        return hidden
+
+
+def test_generic_blocks_with_keyword_hidden_states_tuple_outputs_and_per_sample_kwargs() -> None:
+    torch.manual_seed(0)
+    model = ToyModel()
+    tokens = calibration(4, 6)
+    expected = []
+    hooks = [b.register_forward_hook(lambda _m, _a, out: expected.append(out[0].detach())) for b in model.layers]
+    with torch.no_grad():
+        model(tokens)
+    for hook in hooks:
+        hook.remove()
+    captured = capture_block_inputs(model, tokens, device=torch.device("cpu"), micro_batch_size=3)
+    assert captured[0].hidden_key == "hidden_states" and captured[0].kwargs["layer_past"] is None
+    assert [inp.kwargs["scale"].shape[0] for inp in captured] == [3, 1]  # per-sample kwargs per micro-batch
+    visitor = Recorder(model, observe=True, modifies=True)
+    run_blockwise(model, tokens, visitor, micro_batch_size=3, progress=False)
+    assert len(visitor.groups[0]) == 2
+    for got, want in zip(visitor.recorded, expected, strict=True):
+        torch.testing.assert_close(got, want)

@@ -51,7 +51,8 @@ def llama_tokenizer() -> Any:
 def tiny_bert(num_labels: int = 2, seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, intermediate_size=64,
-                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels)
+                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels,
+                        initializer_range=0.1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return BertForSequenceClassification(config)
 
 
@@ -64,12 +65,12 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 
 def toy_examples(n: int, seed: int, labels: int = 2) -> list[tuple[str, int]]:
-    """Four neutral words and one sentiment word; label 1 when it is positive (2 = 'very' present, for 3 labels)."""
+    """Two neutral words and one sentiment word; label 1 when it is positive (2 = 'very' present, for 3 labels)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         positive = rng.random() < 0.5
-        words = rng.sample(NEUTRAL, 4) + [rng.choice(POSITIVE if positive else NEGATIVE)]
+        words = rng.sample(NEUTRAL, 2) + [rng.choice(POSITIVE if positive else NEGATIVE)]
         rng.shuffle(words)
         label = int(positive) if labels == 2 else rng.randrange(labels)
         out.append((" ".join(words), label))
@@ -77,8 +78,9 @@ def toy_examples(n: int, seed: int, labels: int = 2) -> list[tuple[str, int]]:
 
 
 def toy_classification(n_train: int = 64, labels: int = 2) -> ClassificationData:
-    return ClassificationData("toy", {"train": toy_examples(n_train, 1, labels), "validation": toy_examples(32, 2, labels),
-                                      "test": toy_examples(32, 3, labels)}, [str(i) for i in range(labels)])
+    splits = {"train": toy_examples(n_train, 1, labels), "validation": toy_examples(32, 2, labels),
+              "test": toy_examples(32, 3, labels)}
+    return ClassificationData("toy", splits, [str(i) for i in range(labels)])
 
 
 def toy_text(n_words: int = 3000) -> TextData:
@@ -123,7 +125,7 @@ def magnitude_prune(model: torch.nn.Module, sparsity: float) -> dict[str, torch.
 
 def test_classification_training_learns_and_logs_metrics(tmp_path: Path) -> None:
     data = toy_classification(128)
-    result = train_model(tiny_bert(), bert_tokenizer(), data, config=quick(epochs=4, eval_steps=16),
+    result = train_model(tiny_bert(), bert_tokenizer(), data, config=quick(epochs=4, eval_steps=16, lr=1e-2),
                          checkpoint_dir=tmp_path / "ckpt")
     evals = [entry for entry in result.history if "eval_accuracy" in entry]
     assert result.steps == result.total_steps == 32 and len(evals) == 2
@@ -155,6 +157,9 @@ def test_resume_gives_the_same_final_mask(tmp_path: Path) -> None:
     assert first.stopped_early and first.steps == 5
     with pytest.raises(PrunekitError, match="--resume"):
         run(tmp_path / "b", None, False)
+    with pytest.raises(PrunekitError, match="other settings"):
+        train_model(tiny_bert(), bert_tokenizer(), data, method=build_training_method("movement", {"sparsity": 0.5}),
+                    config=quick(epochs=2, weight_decay=0.01), checkpoint_dir=tmp_path / "b", resume=True)
     second, second_method = run(tmp_path / "b", None, True)
     assert not second.stopped_early and second.steps == whole.steps == 12
     for name, mask in whole_method.masks.items():
@@ -315,6 +320,7 @@ def test_cli_train_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     model_dir = save_tiny_bert(tmp_path / "bert")
     csv = write_csv(tmp_path / "toy.csv", toy_examples(40, 7))
     out = tmp_path / "out"
+    capsys.readouterr()
     code = main(["train", str(model_dir), "--task", f"csv:{csv}", "--batch-size", "16", "--no-progress",
                  "--out", str(out), *extra])
     err = capsys.readouterr().err
@@ -364,3 +370,13 @@ def test_parse_count() -> None:
 
 def test_gmp_class_is_registered() -> None:
     assert isinstance(build_training_method("gmp", {"sparsity": 0.5, "unrelated": 1}), GMP)
+
+
+def test_sentence_pairs_are_tokenised_as_pairs() -> None:
+    from prunekit.finetune.data import classification_dataset
+
+    dataset = classification_dataset(bert_tokenizer(), [(("good movie", "bad plot"), 1)], max_length=16)
+    item = dataset[0]
+    assert item["labels"] == 1 and item["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]
+    with pytest.raises(PrunekitError, match="mix"):
+        classification_dataset(bert_tokenizer(), [(("a", "b"), 1), ("c", 0)], max_length=16)

@@ -215,3 +215,39 @@ def test_classifier_head_untouched(make_tiny_model: Callable[..., nn.Module]) ->
     assert all(".encoder.layer." in name for name in method.layers)
     assert isinstance(model.classifier, nn.Linear)
     assert isinstance(AutoModelForSequenceClassification, type)
+
+
+def test_cli_train_flop(make_tiny_model: Callable[..., nn.Module], tiny_tokenizer: Any, tmp_path: Path,
+                        one_thread: Any) -> None:
+    import csv
+    import json
+
+    from conftest import TOKENIZER_TEXT
+
+    from prunekit.cli.main import main
+
+    folder = tmp_path / "bert"
+    make_tiny_model("bert").save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    table = tmp_path / "reviews.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(40):
+            writer.writerow([TOKENIZER_TEXT[i % len(TOKENIZER_TEXT)], i % 2])
+    out = tmp_path / "flop"
+    assert main(["train", str(folder), "--task", f"csv:{table}", "--method", "flop", "--sparsity", "0.5",
+                 "--max-steps", "6", "--batch-size", "8", "--max-length", "16", "--eval-steps", "0",
+                 "--save-steps", "0", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    record = json.loads((out / "prunekit.json").read_text())
+    assert record["method"] == "flop" and record["method_settings"]["sparsity"] == 0.5
+    model, _, _ = load(out)
+    if record["loader"] == "flop":
+        assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    folded = tmp_path / "folded"
+    assert main(["train", str(folder), "--task", f"csv:{table}", "--method", "flop", "--sparsity", "0.5",
+                 "--method-arg", "fold=true", "--max-steps", "4", "--batch-size", "8", "--max-length", "16",
+                 "--eval-steps", "0", "--save-steps", "0", "--no-progress", "--device", "cpu",
+                 "--out", str(folded)]) == 0
+    assert json.loads((folded / "prunekit.json").read_text())["loader"] is None
+    AutoModelForSequenceClassification.from_pretrained(folded)

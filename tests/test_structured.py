@@ -232,3 +232,44 @@ def test_bad_input_is_one_line_error(make_tiny_model: Callable[..., nn.Module]) 
             prune(model, PruneConfig(**settings), calib(), progress=False)
         assert "\n" not in str(info.value)
     assert surgery.count_parameters(model) == before
+
+
+def _tiny_folder(tmp_path: Path, model: nn.Module, tokenizer: Any, name: str) -> Path:
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cli_prune_heads_neurons_and_blocks(make_tiny_model: Callable[..., nn.Module], tiny_tokenizer: Any,
+                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from conftest import TOKENIZER_TEXT
+
+    from prunekit.cli.main import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(TOKENIZER_TEXT * 40))
+    folder = _tiny_folder(tmp_path, make_tiny_model("llama", **GQA), tiny_tokenizer, "dense")
+    common = ["--calib", f"text:{text}", "--calib-samples", "4", "--seq-len", "16", "--device", "cpu"]
+    out = tmp_path / "hn"
+    assert main(["prune", str(folder), "--method", "heads-neurons", "--ratio", "0.5", *common, "--out", str(out)]) == 0
+    record = json.loads((out / "prunekit.json").read_text())
+    assert record["loader"] is None and record["method_result"]["plain_reload"]
+    assert record["method_result"]["parameters_after"] < record["method_result"]["parameters_before"]
+    assert json.loads((out / "config.json").read_text())["num_attention_heads"] == 2
+    AutoModelForCausalLM.from_pretrained(out)
+    out_global = tmp_path / "global"
+    assert main(["prune", str(folder), "--method", "heads-neurons", "--ratio", "0.3", "--compare", "global",
+                 "--importance", "wanda", *common, "--out", str(out_global)]) == 0
+    assert load(out_global)[0] is not None
+    out_blocks = tmp_path / "blocks"
+    assert main(["prune", str(folder), "--method", "blocks", "--remove", "1", *common, "--out", str(out_blocks)]) == 0
+    assert json.loads((out_blocks / "config.json").read_text())["num_hidden_layers"] == 2
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    assert main(["prune", str(folder), "--method", "blocks", "--remove", "3", *common, "--out", str(refused)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "remove at most 2" in err and len(err.splitlines()) == 1
+    assert not refused.exists() and not list(tmp_path.glob(".refused*"))

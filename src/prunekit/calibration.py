@@ -115,10 +115,10 @@ class EngineReport:
 
 
 def _module_device(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for param in module.parameters():
+        return param.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -130,7 +130,7 @@ def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device)
         for module in model.modules():
             for attr in ("_parameters", "_buffers"):
                 tensors = getattr(module, attr)
-                for key, tensor in list(tensors.items()):
+                for tensor in list(tensors.values()):
                     if tensor is None or id(tensor) in inside or tensor.device == device:
                         continue
                     old.setdefault(id(tensor), tensor.device)
@@ -165,6 +165,24 @@ def _forward_flags(model: nn.Module) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {}
     return {"use_cache": False} if "use_cache" in params else {}
+
+
+@contextmanager
+def single_thread(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run many small CPU ops (mask selection, SparseGPT's column sweep, factorisations) on one thread.
+
+    A thread barrier per small op costs more than the op: on 2 cores shared with other work, 2 threads
+    made these steps 10-50x slower than 1. Forward passes (large matmuls) keep all threads.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextmanager
@@ -334,7 +352,7 @@ def _visit_block(index: int, block: nn.Module, inputs: list[BlockInputs], visito
             outputs = stats.run(block, inputs, keep_outputs=not visitor.modifies)
         report.stats_s += time.perf_counter() - start
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), single_thread(_module_device(block)):
             visitor.finish(index, block, layers, stats.observers)
         report.change_s += time.perf_counter() - start
         start = time.perf_counter()

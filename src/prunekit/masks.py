@@ -69,14 +69,17 @@ def prune_lowest(scores: torch.Tensor, counts: torch.Tensor | int) -> torch.Tens
     keep = torch.ones_like(scores, dtype=torch.bool)
     if cols == 0 or int(k.max()) == 0:
         return keep
-    values = scores.float()
-    kth = values.kthvalue(int(k.max()), dim=1, keepdim=True).values if bool((k == k[0]).all()) else None
-    if kth is None:  # different counts per row: sort each row once
+    values = scores if scores.dtype == torch.float32 else scores.float()
+    if bool((k == k[0]).all()):
+        kth = values.kthvalue(int(k[0]), dim=1, keepdim=True).values
+    else:  # different counts per row: sort each row once
         kth = values.sort(dim=1).values.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
-    below = values < kth
-    tied = values == kth
-    need = (k.unsqueeze(1) - below.sum(dim=1, keepdim=True)).clamp(min=0)
-    prune = below | (tied & (tied.cumsum(dim=1) <= need))
+    prune = values <= kth
+    if not bool((prune.sum(dim=1) == k).all()):  # ties at the threshold: prune them left to right
+        below = values < kth
+        tied = values == kth
+        need = (k.unsqueeze(1) - below.sum(dim=1, keepdim=True)).clamp(min=0)
+        prune = below | (tied & (tied.cumsum(dim=1) <= need))
     prune[k == 0] = False
     return ~prune
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import get_adapter, is_linear, weight_view
-from prunekit.calibration import BlockVisitor, EngineReport, Observer, run_blockwise
+from prunekit.calibration import BlockVisitor, EngineReport, Observer, run_blockwise, single_thread
 from prunekit.errors import PrunekitError
 from prunekit.masks import Structure, apply_mask, check_nm, layer_report, parse_structure
 from prunekit.methods import MethodInfo, get_method
@@ -66,6 +67,7 @@ class PruneConfig:
         return cls(**values)
 
     def structure_spec(self) -> Structure:
+        """The parsed ``structure`` (unstructured or N:M)."""
         return parse_structure(self.structure)
 
     def target_sparsity(self) -> float:
@@ -86,11 +88,11 @@ class PruneConfig:
         info = get_method(self.method)
         if self.sparsity is not None and not 0.0 <= float(self.sparsity) < 1.0:
             raise PrunekitError(f"sparsity {self.sparsity} is outside [0, 1): use a fraction such as 0.5")
+        if info.layerwise is None:  # whole-model methods check their own settings
+            return info
         structure = self.structure_spec()
         if self.allocation not in ALLOCATIONS:
             raise PrunekitError(f"unknown allocation '{self.allocation}': use one of {', '.join(ALLOCATIONS)}")
-        if info.layerwise is None:
-            return info
         self.target_sparsity()
         cls = info.layerwise
         if self.compare is not None and self.compare not in cls.compares:
@@ -170,11 +172,17 @@ def _wanted(name: str, config: PruneConfig) -> bool:
     return not (config.exclude and any(fnmatch.fnmatchcase(name, p) for p in config.exclude))
 
 
+def _embedding_module(model: nn.Module, getter: str) -> Any:
+    """model.get_input_embeddings() / get_output_embeddings(), or None for models without them."""
+    method = getattr(model, getter, None)
+    return method() if callable(method) else None
+
+
 def _lm_head(model: nn.Module) -> dict[str, nn.Module]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _embedding_module(model, "get_output_embeddings")
     if head is None or not is_linear(head):
         raise PrunekitError("include_lm_head: this model has no linear LM head")
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embeddings = _embedding_module(model, "get_input_embeddings")
     if embeddings is not None and embeddings.weight.data_ptr() == head.weight.data_ptr():
         raise PrunekitError("include_lm_head: the LM head shares its weights with the input embeddings, so "
                             "pruning it would prune the embeddings too: leave the head out")
@@ -192,8 +200,7 @@ def check_calibration(model: nn.Module, calibration: torch.Tensor | None, method
                             "(see prunekit.data.calibration_batch)")
     if calibration.numel() == 0:
         raise PrunekitError("calibration is empty: give at least one sample of at least one token")
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = getattr(embeddings, "num_embeddings", None)
+    vocab = getattr(_embedding_module(model, "get_input_embeddings"), "num_embeddings", None)
     if vocab is not None and (int(calibration.max()) >= vocab or int(calibration.min()) < 0):
         raise PrunekitError(f"calibration holds token ids outside the model's vocabulary of {vocab}: "
                             "tokenise it with this model's tokenizer")
@@ -299,7 +306,8 @@ def prune(model: nn.Module, config: PruneConfig | dict[str, Any], calibration: t
 def _prune_without_data(cls: type[LayerwiseMethod], config: PruneConfig, layers: dict[str, nn.Module],
                         targets: dict[str, float], structure: Structure, target: float) -> None:
     """Methods that read only the weights: all at once (global comparison) or layer by layer."""
-    with torch.no_grad():
+    device = weight_view(next(iter(layers.values()))).device
+    with torch.no_grad(), single_thread(device):
         masks = cls.whole_model_masks(layers, target, config) if not structure.is_nm else None
         for name, layer in layers.items():
             if masks is not None:
@@ -315,7 +323,7 @@ def _engine_timing(engine: EngineReport) -> dict[str, float]:
 
 
 def _result(config: PruneConfig, target: float | None, layers: dict[str, nn.Module],
-            targets: dict[str, float | None], block_sparsity: list[float] | None, ratios: list[float] | None,
+            targets: Mapping[str, float | None], block_sparsity: list[float] | None, ratios: list[float] | None,
             timing: dict[str, float], extra: dict[str, Any]) -> PruneResult:
     report = layer_report(layers)
     for name, info in report.items():

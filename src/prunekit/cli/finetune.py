@@ -141,6 +141,9 @@ def finetune_command(settings: dict[str, Any], record: dict[str, Any]) -> int:
         check_lora_rank(model, lora_settings.rank)
     teacher = None
     if settings["distill"]:
+        if classification and not settings["teacher"]:
+            raise PrunekitError("distilling a classifier needs --teacher: a dense model fine-tuned on this task "
+                                "(the record's source model has an untrained head)")
         name = teacher_name(settings, record)
         teacher, _ = load_model(name, task=task, num_labels=int(getattr(model.config, "num_labels", 2) or 2),
                                 device="cpu", dtype=settings["dtype"])

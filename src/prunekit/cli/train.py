@@ -186,7 +186,7 @@ def training_record(settings: dict[str, Any], result: Any, config: Any) -> dict[
     evals = [entry for entry in result.history if any(key.startswith("eval_") for key in entry)]
     return {**config.describe(), "steps": result.steps, "total_steps": result.total_steps, "n_train": result.n_train,
             "world_size": result.world_size, "train_seconds": result.train_seconds, "evaluations": evals,
-            "data": settings.get("task") or settings.get("data")}
+            **result.extra, "data": settings.get("task") or settings.get("data")}
 
 
 def sparsity_record(facts: dict[str, Any], target: float | None) -> dict[str, Any]:

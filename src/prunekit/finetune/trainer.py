@@ -10,6 +10,7 @@ same mask as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from prunekit.errors import PrunekitError
 from prunekit.finetune.hooks import TrainingMethod
 
 METHOD_STATE = "prunekit_method.pt"
+RUN_FILE = "prunekit_run.json"
 
 
 @dataclass
@@ -137,7 +139,7 @@ class PrunekitTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        if self.teacher is None:
+        if self.teacher is None or not model.training:  # evaluations report the task loss alone
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
         else:
@@ -148,7 +150,7 @@ class PrunekitTrainer(Trainer):
             mask = mask.bool() if mask is not None and self.causal_lm else None
             kd = distillation_loss(outputs.logits, teacher_logits, self.distill_temperature, mask)
             loss = self.distill_alpha * kd + (1.0 - self.distill_alpha) * outputs.loss
-        extra = self.method.extra_loss(self.method_model, self.state.global_step)
+        extra = self.method.extra_loss(self.method_model, self.state.global_step) if model.training else None
         if extra is not None:
             scaled = self.loss_is_scaled_for_ga is not False and num_items_in_batch is not None
             loss = loss + (extra / self.current_gradient_accumulation_steps if scaled else extra)
@@ -229,6 +231,34 @@ def last_checkpoint(checkpoint_dir: Path) -> Path | None:
     found = [p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     found = [p for p in found if (p / METHOD_STATE).exists() and (p / "trainer_state.json").exists()]
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def run_signature(config: TrainConfig, method: TrainingMethod, total_steps: int, n_train: int) -> dict[str, Any]:
+    """What must not change between a run and its resumption (progress, stop_after and eval cadence may)."""
+    loose = ("progress", "stop_after", "eval_steps", "save_steps", "save_total_limit", "logging_steps",
+             "max_eval_examples", "eval_batch_size", "device")
+    settings = {key: value for key, value in config.describe().items() if key not in loose}
+    own = getattr(method, "settings", None)
+    method_settings = own() if callable(own) else {}
+    return json.loads(json.dumps({"method": method.name, "method_settings": method_settings, "config": settings,
+                                  "total_steps": total_steps, "n_train": n_train, "world_size": world_size()},
+                                 default=str))
+
+
+def check_same_run(checkpoint_dir: Path, signature: dict[str, Any], resume: bool) -> None:
+    """Write the run's signature beside its checkpoints; on resume, refuse different settings."""
+    file = checkpoint_dir / RUN_FILE
+    if resume and file.exists():
+        earlier = json.loads(file.read_text())
+        changed = sorted(key for key in set(earlier) | set(signature) if earlier.get(key) != signature.get(key))
+        if changed:
+            raise PrunekitError(f"the checkpoints in '{checkpoint_dir}' come from a run with other settings "
+                                f"({', '.join(changed)} differ): resume with the same settings, or start afresh")
+    if int(os.environ.get("RANK", "0")) == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{RUN_FILE}.tmp")
+        tmp.write_text(json.dumps(signature, indent=2) + "\n")
+        tmp.replace(file)
 
 
 def check_masks_agree(method: TrainingMethod, device: torch.device) -> bool:
@@ -326,6 +356,7 @@ def train_model(model: nn.Module, tokenizer: Any, data: Any, *, method: Training
         raise PrunekitError(f"'{checkpoint_dir}' holds checkpoints of an earlier run: pass --resume to continue it, "
                             "or delete that folder to start afresh")
     model = method.setup(model, total_steps=total, n_train=len(train))
+    check_same_run(checkpoint_dir, run_signature(config, method, total, len(train)), resume)
     args = training_arguments(checkpoint_dir, config, total, not classification, evaluation is not None)
     trainer = PrunekitTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation,
@@ -343,9 +374,12 @@ def train_model(model: nn.Module, tokenizer: Any, data: Any, *, method: Training
     model.eval()
     stopped = trainer.state.global_step < total
     facts: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     if not stopped:
+        if processes > 1:  # before finalize, which may replace the layers the masks belong to
+            extra["masks_agree_across_ranks"] = check_masks_agree(method, trainer.args.device)
         model, facts = method.finalize(model)
-        check_masks_agree(method, trainer.args.device)
     history = [dict(entry) for entry in trainer.state.log_history]
     return TrainResult(model=model, facts=facts, history=history, steps=trainer.state.global_step, total_steps=total,
-                       stopped_early=stopped, n_train=len(train), world_size=processes, train_seconds=seconds)
+                       stopped_early=stopped, n_train=len(train), world_size=processes, train_seconds=seconds,
+                       extra=extra)

@@ -42,6 +42,7 @@ class LayerwiseMethod:
 
     @classmethod
     def default_compare(cls) -> str:
+        """The comparison used when the config names none."""
         return cls.compares[0]
 
     def add_batch(self, inputs: torch.Tensor) -> None:
@@ -59,6 +60,7 @@ class LayerwiseMethod:
         return None
 
     def describe(self) -> dict[str, Any]:
+        """JSON-friendly facts about this input stream (method, tokens seen)."""
         return {"method": self.name, "tokens": self.n_tokens}
 
 

@@ -262,7 +262,7 @@ class FlopMethod(TrainingMethod):
             self.lambda_optimizer.zero_grad(set_to_none=True)
 
     def finalize(self, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-        expected = float(self.expected_sparsity()) if self.layers else 0.0
+        expected = float(self.expected_sparsity().detach()) if self.layers else 0.0
         layers: dict[str, dict[str, Any]] = {}
         factorised: dict[str, dict[str, Any]] = {}
         kept_params = 0

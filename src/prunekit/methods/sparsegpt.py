@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import weight_view
+from prunekit.calibration import single_thread
 from prunekit.errors import PrunekitError
 from prunekit.masks import Structure, count_to_prune, nm_mask, prune_lowest
 from prunekit.methods.base import LayerwiseMethod, flat_inputs
@@ -56,6 +57,11 @@ class SparseGPTMethod(LayerwiseMethod):
             return self._factor
         if self.hessian is None or self.n_tokens == 0:
             raise RuntimeError("sparsegpt: the layer received no calibration inputs")
+        with single_thread(self.hessian.device):
+            return self._factorise()
+
+    def _factorise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.hessian is not None
         hessian = self.hessian.double() * (2.0 / self.n_tokens)
         diag = torch.diagonal(hessian)
         dead = diag == 0
@@ -90,9 +96,10 @@ class SparseGPTMethod(LayerwiseMethod):
         if structure.is_nm:
             block = max(structure.m, block // structure.m * structure.m)
         total = count_to_prune(n_in * n_out, sparsity) if not structure.is_nm else 0
-        for start in range(0, n_in, block):
-            end = min(start + block, n_in)
-            keep[start:end] = self._sweep_block(work, factor, start, end, total, structure)
+        with single_thread(work.device):
+            for start in range(0, n_in, block):
+                end = min(start + block, n_in)
+                keep[start:end] = self._sweep_block(work, factor, start, end, total, structure)
         work.mul_(keep)
         weight.copy_(work.t().to(dtype=weight.dtype, device=weight.device))
         return keep.t().to(weight.device)

@@ -7,7 +7,7 @@ physically (:mod:`prunekit.surgery`). Scores (summed over a structure's weights)
 
 - ``magnitude``: |W|.
 - ``wanda``: |W|·‖X‖ (‖X‖: the norm of the weight's input channel over the calibration tokens).
-- ``flap`` (An et al. 2024): fluctuation Var(X_c)·‖W[:, c]‖² of the output projection's input
+- ``flap`` (An et al. 2024; the default, clearly best one-shot on smollm2-135m): fluctuation Var(X_c)·‖W[:, c]‖² of the output projection's input
   channels, with bias compensation: the mean contribution of removed channels goes into the bias.
 - ``taylor`` (first order, LLM-Pruner style): |Σ θ·∂L/∂θ|, gradients of the model's loss on the
   calibration data (LM loss; a classifier's own predictions as labels when it has no LM head).
@@ -15,6 +15,10 @@ physically (:mod:`prunekit.surgery`). Scores (summed over a structure's weights)
 Grouped-query attention, rule ``gqa="query"`` (default): every key/value group loses the same number
 of query heads, round-half-up(ratio × group size), and keeps its key/value head; ``gqa="groups"``:
 whole groups go, round-half-up(ratio × groups). The fraction actually removed is recorded.
+
+Settings read from the PruneConfig (or a dict): ``ratio``; ``importance``; allocation ``uniform``
+(default) or ``global`` (``compare="global"`` also selects it); when present, ``heads_ratio``,
+``neurons_ratio``, ``gqa`` and ``bias_compensation`` (default: on for flap only).
 
 ``blocks`` removes the N blocks of lowest influence, 1 − mean cosine(block input, block output) on
 the calibration tokens (ShortGPT, Men et al. 2024).
@@ -344,7 +348,7 @@ def prune_heads_neurons(model: nn.Module, config: Any, calibration: torch.Tensor
     neurons_ratio = float(setting(config, "neurons_ratio", ratio if ratio is not None else -1))
     if heads_ratio < 0 or neurons_ratio < 0:
         raise PrunekitError("heads-neurons needs --ratio (the fraction of heads and FFN neurons to remove, e.g. 0.5)")
-    importance = setting(config, "importance", "wanda")
+    importance = setting(config, "importance", "flap")
     allocation = "global" if setting(config, "compare") == "global" else setting(config, "allocation", "uniform")
     gqa = setting(config, "gqa", "query")
     if importance not in IMPORTANCES:
