@@ -223,7 +223,6 @@ def test_cli_train_flop(make_tiny_model: Callable[..., nn.Module], tiny_tokenize
     import json
 
     from conftest import TOKENIZER_TEXT
-
     from prunekit.cli.main import main
 
     folder = tmp_path / "bert"

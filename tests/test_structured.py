@@ -246,7 +246,6 @@ def test_cli_prune_heads_neurons_and_blocks(make_tiny_model: Callable[..., nn.Mo
     import json
 
     from conftest import TOKENIZER_TEXT
-
     from prunekit.cli.main import main
 
     text = tmp_path / "calib.txt"

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if maybe_print_config(args, settings):
         return 0
     if not settings["model"]:
-        raise PrunekitError("no model given: prunekit eval MODEL --data NAME (MODEL: smollm2-135m, minilm-l6, a folder)")
+        raise PrunekitError("no model given: prunekit eval MODEL --data NAME (smollm2-135m, minilm-l6, a folder)")
     if not settings["data"]:
         raise PrunekitError("no dataset given: add --data NAME (austen, reviews, text:PATH, ...)")
     results = evaluate_model(settings)

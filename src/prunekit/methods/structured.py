@@ -7,8 +7,9 @@ physically (:mod:`prunekit.surgery`). Scores (summed over a structure's weights)
 
 - ``magnitude``: |W|.
 - ``wanda``: |W|·‖X‖ (‖X‖: the norm of the weight's input channel over the calibration tokens).
-- ``flap`` (An et al. 2024; the default, clearly best one-shot on smollm2-135m): fluctuation Var(X_c)·‖W[:, c]‖² of the output projection's input
-  channels, with bias compensation: the mean contribution of removed channels goes into the bias.
+- ``flap`` (An et al. 2024; the default, clearly the best one-shot on smollm2-135m): fluctuation
+  Var(X_c)·‖W[:, c]‖² of the output projection's input channels, with bias compensation: the mean
+  contribution of removed channels goes into the bias.
 - ``taylor`` (first order, LLM-Pruner style): |Σ θ·∂L/∂θ|, gradients of the model's loss on the
   calibration data (LM loss; a classifier's own predictions as labels when it has no LM head).
 
@@ -466,8 +467,9 @@ def prune_blocks(model: nn.Module, config: Any, calibration: torch.Tensor | None
 
 register_whole_model_method(
     "heads-neurons", prune_heads_neurons,
-    "remove whole attention heads and FFN neurons (importance: wanda, flap, magnitude, taylor; uniform or global)",
-    needs_calibration=True, settings=("ratio", "importance", "allocation", "compare"))
+    "remove whole attention heads and FFN neurons (importance: flap (default), wanda, magnitude, taylor; "
+    "--compare global for sizes that differ per block)",
+    needs_calibration=True, settings=("ratio", "importance", "compare"))
 register_whole_model_method(
     "blocks", prune_blocks, "remove whole transformer blocks of lowest influence (ShortGPT)",
     needs_calibration=True, settings=("remove", "ratio"))
