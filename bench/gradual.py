@@ -115,7 +115,9 @@ def write(path: Path, payload: dict[str, Any]) -> None:
         lines.append(f"| {run['method']} | {run['target_sparsity']:.0%} | {run['sparsity']:.2%} | "
                      f"{run['test_accuracy']:.2%} | {run['validation_accuracy']:.2%} | {run['steps']} | "
                      f"{run['train_seconds']:.0f} |")
-    lines += ["", f"Test split: {runs[0]['n_test'] if runs else '?'} examples; accuracy = argmax of the logits.",
+    majority = payload.get("test_majority_share")
+    lines += ["", f"Test split: {runs[0]['n_test'] if runs else '?'} examples; accuracy = argmax of the logits"
+              + (f"; always answering the most common class scores {majority:.2%}." if majority else "."),
               "Sparsity counts the weights of the block linear layers (embeddings, norms and head are dense)."]
     atomic_write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
 
@@ -134,6 +136,12 @@ def main() -> None:
         raise SystemExit(f"{path}.json holds results with other settings: pass --fresh or another --out")
     payload = {"settings": settings, "machine": f"{platform.processor() or platform.machine()}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}", "runs": earlier.get("runs", [])}
+    from collections import Counter
+
+    from prunekit.data import load_data
+
+    test_labels = Counter(label for _, label in load_data(args.task).splits["test"])
+    payload["test_majority_share"] = max(test_labels.values()) / sum(test_labels.values())
     plan = [] if args.no_dense else [("none", 0.0)]
     for sparsity in [float(s) for s in args.sparsities.split(",") if s]:
         plan += [(method, sparsity) for method in args.methods.split(",") if method]

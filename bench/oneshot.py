@@ -105,7 +105,10 @@ def run_one(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"label": label(run), "settings": run, "load_s": time.perf_counter() - started}
     if run["method"] != "dense":
         calib = calibration_batch(tokenizer, data, args.samples, args.seq_len, seed=args.seed)
+        with torch.no_grad():  # page every weight in (they may be memory-mapped), so the baseline holds the model
+            touched = sum(float(p.float().abs().sum()) for p in model.parameters())
         out["rss_before_prune_mb"] = rss_mb()
+        out["weights_abs_sum"] = touched
         exact_peak = reset_peak()
         start, cpu = time.perf_counter(), time.process_time()
         result = prune(model, dict(run, seed=args.seed), calib, device=args.device, progress=False)
@@ -162,15 +165,16 @@ def markdown(results: list[dict[str, Any]], cli: dict[str, Any] | None, meta: di
         f"Persuasion for perplexity)",
         f"- calibration: {meta['samples']} x {meta['seq_len']} tokens, seed {meta['seed']}; perplexity: first "
         f"{meta['eval_tokens']} eval tokens in non-overlapping {meta['seq_len']}-token windows",
-        f"- machine: {meta['machine']}; torch threads {meta['threads']}; load average at start {meta['load']}",
+        f"- machine: {meta['machine']}; torch threads {meta['threads']}; load average at start {meta['load']} "
+        "(other work on the same cores inflates wall times; CPU s counts this process's threads)",
         f"- date: {meta['date']}; prunekit {meta['prunekit']}, torch {meta['torch']}", "",
-        "| configuration | perplexity | reference | sparsity | prune s | peak RSS MB (before prune) |",
+        "| configuration | perplexity | reference | sparsity | prune s (CPU s) | peak RSS MB in prune (before) |",
         "|---|---|---|---|---|---|"]
     for row in results:
         settings = row["settings"]
         amount = settings.get("structure") or (str(settings.get("sparsity")) if "sparsity" in settings else None)
         ref = REFERENCE.get((settings["method"], amount)) if settings.get("allocation") is None else None
-        prune_s = f"{row['prune_s']:.1f}" if "prune_s" in row else "-"
+        prune_s = f"{row['prune_s']:.1f} ({row['prune_cpu_s']:.0f})" if "prune_s" in row else "-"
         memory = (f"{row['peak_rss_prune_mb']:.0f} ({row['rss_before_prune_mb']:.0f})"
                   if "peak_rss_prune_mb" in row else "-")
         sparsity = f"{100 * row['sparsity']:.2f}%" if "sparsity" in row else "0%"

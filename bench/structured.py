@@ -13,11 +13,14 @@ Measurements are interleaved: each round times every model per measurement (the 
 back-to-back calls), rounds repeat, and each pruned/dense ratio is the median over rounds of the
 per-round ratio (slow drifts of a shared machine cancel). Perplexity: first 32,768 tokens of the
 austen eval split, non-overlapping 512-token windows; then a short recovery fine-tune
-(prunekit.finetune.recover, full fine-tuning on the austen train split) and perplexity again.
+(prunekit.finetune.recover: full fine-tuning, 30 steps of 4 x 256 tokens of the austen train split,
+lr 1e-4; tiny, because a step takes tens of seconds on 2 shared cores) and perplexity again.
 
 Part 2 (minilm-l6 on reviews, optional --skip-flop): fine-tuned dense; FLOP at 50 % and 70 %; GMP at
 the parameter count FLOP reached (GMP zeros weights, so it runs at dense speed). Same training
-budget for all; accuracy on the test split; latency of a 128-token forward, batch 1, interleaved.
+budget for all (1 epoch of the train split, batch 32, at most 64 tokens per example, lr 5e-5; FLOP
+gates lr 0.02, λ lr 0.02, target ramp over half the run); accuracy on the test split; latency of a
+128-token forward, batch 1, interleaved.
 
     python bench/structured.py                   # everything (a few hours on 2 busy cores)
     python bench/structured.py --skip-flop --skip-recovery --eval-tokens 8192
@@ -175,14 +178,14 @@ def part_smollm(args: argparse.Namespace, results: dict[str, Any]) -> None:
         rows[name]["latency"]["decode_per_token"] = decode[name]
     write(results)
 
+    tokens = eval_tokens(tokenizer, data, "eval", max_tokens=args.eval_tokens)
     if not args.skip_ppl:
-        tokens = eval_tokens(tokenizer, data, "eval", max_tokens=args.eval_tokens)
         for name, model in models.items():
             log(f"perplexity {name}")
             rows[name]["perplexity"] = perplexity(model, tokens, seq_len=512, progress=False).perplexity
             write(results)
-        if not args.skip_recovery:
-            recovery(args, models, tokenizer, data, tokens, results, tmp)
+    if not args.skip_recovery:
+        recovery(args, models, tokenizer, data, tokens, results, tmp)
     write(results)
 
 
@@ -192,16 +195,17 @@ def recovery(args: argparse.Namespace, models: dict[str, nn.Module], tokenizer: 
     from prunekit.evaluate import perplexity
     from prunekit.finetune import TrainConfig, recover
 
-    config = TrainConfig(max_steps=args.recovery_steps, lr=args.recovery_lr, batch_size=4, seq_len=512,
+    seq_len = args.recovery_seq_len
+    config = TrainConfig(max_steps=args.recovery_steps, lr=args.recovery_lr, batch_size=4, seq_len=seq_len,
                          eval_steps=0, save_steps=0, progress=False, device="cpu",
-                         max_train_tokens=args.recovery_steps * 4 * 512 + 512)
+                         max_train_tokens=args.recovery_steps * 4 * seq_len + seq_len)
     rows = results["smollm2"]["models"]
     for name, model in models.items():
         if name == "dense":
             continue
         log(f"recovery fine-tune {name} ({args.recovery_steps} steps)")
         result = recover(model, tokenizer, data, config=config, checkpoint_dir=tmp / f"ckpt-{name.replace(' ', '_')}")
-        rows[name]["recovery"] = {"steps": result.steps, "batch": "4 x 512 tokens", "lr": args.recovery_lr,
+        rows[name]["recovery"] = {"steps": result.steps, "batch": f"4 x {seq_len} tokens", "lr": args.recovery_lr,
                                   "train_seconds": result.train_seconds,
                                   "perplexity": perplexity(result.model, tokens, 512, progress=False).perplexity}
         write(results)
@@ -215,7 +219,8 @@ def part_flop(args: argparse.Namespace, results: dict[str, Any]) -> None:
     from prunekit.models import load_model
 
     data = load_data("reviews")
-    config = TrainConfig(epochs=args.flop_epochs, lr=args.flop_lr, batch_size=32, max_length=128, eval_steps=0,
+    config = TrainConfig(epochs=args.flop_epochs, lr=args.flop_lr, batch_size=32, max_length=args.flop_max_length,
+                         eval_steps=0,
                          save_steps=0, progress=False, device="cpu")
     rows: dict[str, dict[str, Any]] = {}
     models: dict[str, nn.Module] = {}
@@ -228,7 +233,8 @@ def part_flop(args: argparse.Namespace, results: dict[str, Any]) -> None:
         result = train_model(model, tokenizer, data, method=build_training_method(method, settings), config=config,
                              checkpoint_dir=tmp / name.replace(" ", "_"))
         trained = result.model.eval()
-        acc = accuracy(trained, tokenizer, data.splits["test"], batch_size=64, max_length=128, progress=False)
+        acc = accuracy(trained, tokenizer, data.splits["test"], batch_size=64, max_length=args.flop_max_length,
+                       progress=False)
         facts = result.facts
         rows[name] = {"method": method, "settings": settings, "accuracy": acc.accuracy,
                       "sparsity_of_block_weights": facts.get("sparsity"),
@@ -316,15 +322,17 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--skip-ppl", action="store_true")
     parser.add_argument("--skip-recovery", action="store_true")
-    parser.add_argument("--recovery-steps", type=int, default=100)
+    parser.add_argument("--recovery-steps", type=int, default=30)
+    parser.add_argument("--recovery-seq-len", type=int, default=256)
     parser.add_argument("--recovery-lr", type=float, default=1e-4)
     parser.add_argument("--skip-smollm", action="store_true")
     parser.add_argument("--skip-flop", action="store_true")
     parser.add_argument("--flop-targets", type=float, nargs="+", default=[0.5, 0.7])
-    parser.add_argument("--flop-epochs", type=float, default=2.0)
+    parser.add_argument("--flop-epochs", type=float, default=1.0)
+    parser.add_argument("--flop-max-length", type=int, default=64)
     parser.add_argument("--flop-lr", type=float, default=5e-5)
-    parser.add_argument("--gate-lr", type=float, default=0.01)
-    parser.add_argument("--lambda-lr", type=float, default=0.01)
+    parser.add_argument("--gate-lr", type=float, default=0.02)
+    parser.add_argument("--lambda-lr", type=float, default=0.02)
     args = parser.parse_args()
     torch.set_num_threads(2)
     from transformers.utils import logging as hf_logging

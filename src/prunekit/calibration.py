@@ -356,10 +356,12 @@ def _visit_block(index: int, block: nn.Module, inputs: list[BlockInputs], visito
             visitor.finish(index, block, layers, stats.observers)
         report.change_s += time.perf_counter() - start
         start = time.perf_counter()
-    if not outputs:
+    if outputs:  # the block is unchanged: the stats pass's outputs are its outputs
+        for inp, out in zip(inputs, outputs, strict=True):
+            inp.hidden = out
+    else:
         with torch.inference_mode():
-            outputs = [inp.call(block) for inp in inputs]
+            for inp in inputs:  # replace as we go: one micro-batch's input is needed by its own call only
+                inp.hidden = inp.call(block)
     report.replay_s += time.perf_counter() - start
-    visitor.outputs(index, outputs)
-    for inp, out in zip(inputs, outputs, strict=True):
-        inp.hidden = out
+    visitor.outputs(index, [inp.hidden for inp in inputs])
