@@ -21,7 +21,7 @@ from torch import nn
 
 from prunekit import __version__
 from prunekit.errors import PrunekitError
-from prunekit.utils import atomic_dir, resolve_device, resolve_dtype
+from prunekit.utils import atomic_dir, import_optional, resolve_device, resolve_dtype
 
 RECORD_NAME = "prunekit.json"
 
@@ -141,11 +141,4 @@ def load(path: str | Path, task: str | None = None, num_labels: int = 2, device:
 
 def _import_loaders() -> None:
     """Import the modules that register loaders, so `load` finds them without the caller importing them."""
-    import importlib
-
-    for module in ("prunekit.surgery", "prunekit.structured_load", "prunekit.methods.flop"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    import_optional(("prunekit.surgery", "prunekit.structured_load", "prunekit.methods.flop"))

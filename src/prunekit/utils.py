@@ -19,6 +19,21 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def import_optional(modules: tuple[str, ...] | list[str]) -> None:
+    """Import modules that register plugins (methods, loaders); a module that is absent is skipped.
+
+    An import error inside a present module is not hidden.
+    """
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch so that a run can be repeated."""
     random.seed(seed)

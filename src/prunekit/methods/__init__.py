@@ -12,7 +12,6 @@ Two kinds of method:
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from prunekit.methods.magnitude import MagnitudeMethod
 from prunekit.methods.random_method import RandomMethod
 from prunekit.methods.sparsegpt import SparseGPTMethod
 from prunekit.methods.wanda import WandaMethod
+from prunekit.utils import import_optional
 
 if TYPE_CHECKING:
     import torch
@@ -66,12 +66,7 @@ def register_whole_model_method(name: str, fn: WholeModelFn, description: str, n
 
 
 def _load_plugins() -> None:
-    for module in PLUGIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    import_optional(PLUGIN_MODULES)
 
 
 def available_methods() -> list[MethodInfo]:

@@ -15,7 +15,6 @@ score that decides which weights stay, and in what they add to the gradients:
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from typing import Any, ClassVar
@@ -29,6 +28,7 @@ from prunekit.errors import PrunekitError
 from prunekit.finetune.hooks import TrainingMethod
 from prunekit.masks import global_masks, layer_mask, layer_report
 from prunekit.methods.schedule import CubicSchedule, resolve_steps
+from prunekit.utils import import_optional
 
 COMPARES = ("global", "layer")
 
@@ -312,12 +312,7 @@ PLUGIN_MODULES = ("prunekit.methods.flop",)
 
 
 def _import_plugins() -> None:
-    for module in PLUGIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    import_optional(PLUGIN_MODULES)
 
 
 def available_methods() -> list[str]:
