@@ -138,14 +138,18 @@ def time_cli(args: argparse.Namespace, method: str = "sparsegpt") -> dict[str, A
         command = [sys.executable, "-m", "prunekit.cli.main", "prune", args.model, "--method", method,
                    "--sparsity", "0.5", "--calib", args.data, "--calib-samples", str(args.samples), "--seq-len",
                    str(args.seq_len), "--seed", str(args.seed), "--device", args.device, "--out", f"{tmp}/out"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True)
         wall = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        peak = after.ru_maxrss / 1024
+        cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"prunekit prune failed:\n{proc.stderr}")
     return {"label": f"prunekit prune --method {method} --sparsity 0.5 (load, prune, save)", "wall_s": wall,
-            "peak_rss_mb": peak, "command": " ".join(command[2:])}
+            "cpu_s": cpu, "load_average": os.getloadavg()[0], "peak_rss_mb": peak,
+            "command": "prunekit " + " ".join(command[3:])}
 
 
 def child(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -183,8 +187,8 @@ def markdown(results: list[dict[str, Any]], cli: dict[str, Any] | None, meta: di
     lines += ["", f"Reference pruning time on 2 cores: wanda {REFERENCE_SECONDS['wanda']:.0f} s, sparsegpt "
               f"{REFERENCE_SECONDS['sparsegpt']:.0f} s. 'prune s' is prunekit.prune() alone (model already loaded)."]
     if cli:
-        lines += ["", f"End to end: `{cli['command']}`: {cli['wall_s']:.1f} s wall, "
-                      f"peak RSS {cli['peak_rss_mb']:.0f} MB."]
+        lines += ["", f"End to end: `{cli['command']}`: {cli['wall_s']:.1f} s wall "
+                      f"({cli.get('cpu_s', 0):.0f} CPU s), peak RSS {cli['peak_rss_mb']:.0f} MB."]
     lines += ["", "Unstructured and 2:4 zeros are stored densely: file size and dense-kernel speed do not change."]
     return "\n".join(lines) + "\n"
 

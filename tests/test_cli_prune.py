@@ -108,6 +108,7 @@ def test_settings_precedence_and_print_config(capsys, tmp_path: Path) -> None:
     (["--method", "wanda"], "needs a sparsity"),
     (["--method", "wanda", "--structure", "2:6"], "multiple of 6"),
     (["--method", "wanda", "--sparsity", "0.5", "--calib", "nosuchset"], "unknown dataset"),
+    (["--method", "wanda", "--sparsity", "0.5", "--include", "nothing.*"], "no layer matches"),  # after loading
 ])
 def test_errors_are_one_line_and_leave_no_folder(capsys, tmp_path: Path, tiny_llama_dir: Path, text_data: str,
                                                  args: list[str], fragment: str) -> None:

@@ -268,8 +268,9 @@ def prune(model: nn.Module, config: PruneConfig | dict[str, Any], calibration: t
     extra_layers = _lm_head(model) if config.include_lm_head else {}
     every = {name: layer for block in layers_by_block for name, layer in block.items()} | extra_layers
     if not every:
-        raise PrunekitError(f"no layer matches include={config.include} exclude={config.exclude}: "
-                            "check the patterns against the names `prunekit methods` prints (fnmatch on full names)")
+        example = next(iter(get_adapter(model).prunable_layers()), "?")
+        raise PrunekitError(f"no layer matches include={config.include} exclude={config.exclude}: patterns are "
+                            f"fnmatch on full module names such as '{example}'")
     for name, layer in every.items():
         check_nm(weight_view(layer).shape[1], structure, name)
 

@@ -3,8 +3,8 @@
 H = 2·XᵀX / n over the calibration tokens (accumulated in float32 with ``addmm_``; the algorithm is
 invariant to the scale of H, so the token mean is used), dampened by ``dampening · mean(diag H)``
 (×10 and retried while the Cholesky factorisation fails), dead inputs (H_jj = 0) get H_jj = 1 and
-their weights zeroed. Hinv = upper Cholesky factor of H⁻¹ (factorised in float64). Columns are
-processed in blocks of ``block_size``: the mask of a block is chosen by W²/diag(Hinv)² (the N:M
+their weights zeroed. Hinv = upper Cholesky factor of H⁻¹ (in float64, from one Cholesky factorisation).
+Columns are processed in blocks of ``block_size``: the mask of a block is chosen by W²/diag(Hinv)² (the N:M
 groups column group by column group), and each column's pruning error is spread onto the columns
 not yet processed, so the kept weights reconstruct the layer's output.
 """
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from prunekit.pruning import PruneConfig
 
 MAX_DAMPENING_TRIES = 6
+SEGMENT = 16  # columns solved at once inside a block (unstructured)
 
 
 class SparseGPTMethod(LayerwiseMethod):
@@ -71,15 +72,16 @@ class SparseGPTMethod(LayerwiseMethod):
         for _ in range(MAX_DAMPENING_TRIES):
             damped = hessian + torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device) * (
                 damp * mean_diag)
-            lower, info = torch.linalg.cholesky_ex(damped)
+            # upper Cholesky factor U of H^-1 (H^-1 = UᵀU) without forming H^-1: with P the reversal
+            # permutation and PHP = MMᵀ (M lower), H = (PMP)(PMP)ᵀ, so U = (PMP)^-1 = P M^-1 P
+            lower, info = torch.linalg.cholesky_ex(torch.flip(damped, dims=(0, 1)))
             if int(info) == 0:
-                inverse = torch.cholesky_inverse(lower)
-                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-                if int(info) == 0:
-                    self.dampening_used = damp
-                    self._factor = (upper.float(), dead)
-                    self.hessian = None  # the factor is all prune() needs; free the memory
-                    return self._factor
+                eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+                upper = torch.flip(torch.linalg.solve_triangular(lower, eye, upper=False), dims=(0, 1))
+                self.dampening_used = damp
+                self._factor = (upper.float(), dead)
+                self.hessian = None  # the factor is all prune() needs; free the memory
+                return self._factor
             damp *= 10.0
         raise PrunekitError(f"sparsegpt: the Hessian of {self.key or 'a layer'} is not positive definite even with "
                             f"dampening {damp / 10:g}: use more calibration samples or raise --dampening")
@@ -88,7 +90,8 @@ class SparseGPTMethod(LayerwiseMethod):
         factor, dead = self.inverse_factor()
         weight = weight_view(layer)
         # work on the transpose (in, out): a column of W is then a contiguous row
-        work = weight.t().float().clone().to(factor.device)
+        work = torch.empty(weight.shape[1], weight.shape[0], dtype=torch.float32, device=factor.device)
+        work.copy_(weight.t())  # a fresh contiguous (in, out) copy, whatever the layer's layout
         work[dead] = 0.0
         n_in, n_out = work.shape
         keep = torch.ones(n_in, n_out, dtype=torch.bool, device=work.device)
@@ -120,21 +123,43 @@ class SparseGPTMethod(LayerwiseMethod):
             saliency = block_w.square() / diag.square().unsqueeze(1)
             keep = prune_lowest(saliency.reshape(1, -1), quota).reshape(count, n_out)
         scale = (~keep).float() / diag.unsqueeze(1)
-        for i in range(count):
-            if structure.is_nm and i % structure.m == 0:
-                group = slice(i, i + structure.m)
-                saliency = (block_w[group].square() / diag[group].square().unsqueeze(1)).t()
-                keep[group] = nm_mask(saliency, structure).t()
-                scale[group] = (~keep[group]).float() / diag[group].unsqueeze(1)
-            torch.mul(block_w[i], scale[i], out=errors[i])
-            if i + 1 < count:
-                block_w[i + 1:].addr_(block_h[i, i + 1:], errors[i], alpha=-1.0)
+        # columns go in segments (N:M: one group; else SEGMENT columns): inside a segment the column-by-column
+        # recurrence is solved at once as triangular systems, then the rest of the block gets one matmul --
+        # the same arithmetic as one column at a time, reordered
+        segment = structure.m if structure.is_nm else SEGMENT
+        for first in range(0, count, segment):
+            rows = slice(first, min(first + segment, count))
+            if structure.is_nm:  # the group's mask, from its weights as updated so far
+                saliency = (block_w[rows].square() / diag[rows].square().unsqueeze(1)).t()
+                keep[rows] = nm_mask(saliency, structure).t()
+                scale[rows] = (~keep[rows]).float() / diag[rows].unsqueeze(1)
+            errors[rows] = _segment_errors(block_w[rows], scale[rows], block_h[rows, rows])
+            if rows.stop < count:
+                block_w[rows.stop:].addmm_(block_h[rows, rows.stop:].t(), errors[rows], alpha=-1.0)
         if end < n_in:
             work[end:].addmm_(factor[start:end, end:].t(), errors, alpha=-1.0)
         return keep
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "dampening": self.dampening_used}
+
+
+def _segment_errors(weights: torch.Tensor, scale: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Errors of a segment of b columns, given as rows of ``weights`` (b, out); updates ``weights`` in place.
+
+    One column at a time, column i's error is e_i = s_i * (w_i - sum_{j<i} U_ji e_j) (s_i = 1/U_ii where
+    pruned, 0 where kept) and column i then loses U_ji e_j for every j < i. For each output r that is the
+    unit lower-triangular system (I + diag(s_r) Lᵀ) e_r = s_r * w_r with L = strict upper part of U.
+    """
+    lower = factor.triu(1).t()  # lower[i, j] = U[j, i] for j < i
+    if weights.shape[0] == 1:
+        errors = weights * scale
+    else:
+        systems = lower.unsqueeze(0) * scale.t().unsqueeze(2)  # (out, b, b); unit diagonal implied
+        rhs = (weights * scale).t().unsqueeze(2)
+        errors = torch.linalg.solve_triangular(systems, rhs, upper=False, unitriangular=True).squeeze(2).t()
+        weights.sub_(lower @ errors)
+    return errors
 
 
 def _share(total: int, column: int, columns: int) -> int:
