@@ -45,16 +45,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--probe-steps", type=int, default=2, help="timed steps before the runs (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--second-split", default="extra",
+                        help="a second held-out split of --data (austen: 'extra' = Northanger Abbey, never used for "
+                             "calibration or training); '' to skip")
     parser.add_argument("--out", default=str(RESULTS / "recovery"), help="results path without extension")
     return parser.parse_args()
 
 
-def ppl(model: Any, tokenizer: Any, data: Any, args: argparse.Namespace) -> float:
+def ppl(model: Any, tokenizer: Any, data: Any, args: argparse.Namespace, split: str = "eval") -> float:
     from prunekit.data import eval_tokens
     from prunekit.evaluate import perplexity
 
-    tokens = eval_tokens(tokenizer, data, "eval", max_tokens=args.eval_tokens)
-    return perplexity(model, tokens, seq_len=args.eval_seq_len).perplexity
+    tokens = eval_tokens(tokenizer, data, split, max_tokens=args.eval_tokens)
+    return perplexity(model, tokens, seq_len=args.eval_seq_len, progress=False).perplexity
+
+
+def second(args: argparse.Namespace) -> str | None:
+    """The split of the second held-out text, or None when the dataset has none."""
+    return args.second_split or None
 
 
 def recover_once(folder: Path, data: Any, mode: str, steps: int, args: argparse.Namespace,
@@ -92,15 +100,33 @@ def write(path: Path, payload: dict[str, Any]) -> None:
              f"Machine: {payload['machine']}", "",
              f"Training speed (probe): {payload.get('tokens_per_second', 0):.0f} tokens/s "
              f"(full fine-tuning, batch {s['batch_size']} x {s['seq_len']})", "",
-             "| model | training tokens | perplexity | gap closed | sparsity | train s |", "|---|---|---|---|---|---|",
-             f"| dense | - | {dense:.2f} | - | 0 | - |" if dense else "| dense | - | ? | - | - | - |",
-             f"| {s['method']} {s['sparsity']:.0%} | - | {pruned:.2f} | 0 | "
-             f"{payload.get('pruned_sparsity', 0):.2%} | - |" if pruned else "| pruned | - | ? | - | - | - |"]
+             f"| model | training tokens | perplexity (eval) | gap closed | perplexity ({s.get('second_split')}) "
+             "| gap closed | sparsity | same zeros | train s |", "|---|---|---|---|---|---|---|---|---|",
+             f"| dense | - | {dense:.2f} | - | {_fmt(payload.get('dense_ppl2'))} | - | 0 | - | - |" if dense else
+             "| dense | - | ? | - | - | - | - | - | - |",
+             f"| {s['method']} {s['sparsity']:.0%} | - | {pruned:.2f} | 0 | {_fmt(payload.get('pruned_ppl2'))} | 0 | "
+             f"{payload.get('pruned_sparsity', 0):.2%} | - | - |" if pruned else
+             "| pruned | - | ? | - | - | - | - | - | - |"]
     for run in payload["runs"]:
+        gap2 = f"{run['gap_closed2']:.0%}" if run.get("gap_closed2") is not None else "-"
         lines.append(f"| + {run['mode']} | {run['tokens']:,} | {run['perplexity']:.2f} | {run['gap_closed']:.0%} | "
-                     f"{run['sparsity']:.2%} | {run['train_seconds']:.0f} |")
-    lines += ["", f"Perplexity protocol: {payload.get('protocol', '')}"]
+                     f"{_fmt(run.get('perplexity2'))} | {gap2} | {run['sparsity']:.2%} | "
+                     f"{'yes' if run.get('same_zeros') else 'NO'} | {run['train_seconds']:.0f} |")
+    lines += ["", f"Perplexity protocol (each held-out text): {payload.get('protocol', '')}",
+              "Training text: the austen train split (Emma, Mansfield Park, Pride and Prejudice, Sense and "
+              "Sensibility); 'eval' = Persuasion; 'extra' = Northanger Abbey."]
     atomic_write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def zero_masks(model: Any) -> dict[str, torch.Tensor]:
+    """Where the prunable block weights are exactly zero, by layer name."""
+    from prunekit.adapters import get_adapter, weight_view
+
+    return {name: weight_view(layer) == 0 for name, layer in get_adapter(model).prunable_layers().items()}
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"
 
 
 def main() -> None:
@@ -125,6 +151,8 @@ def main() -> None:
     tokens = eval_tokens(tokenizer, data, "eval", max_tokens=args.eval_tokens)
     dense = perplexity(model, tokens, seq_len=args.eval_seq_len)
     payload.update(dense_ppl=dense.perplexity, protocol=dense.protocol)
+    if second(args):
+        payload["dense_ppl2"] = ppl(model, tokenizer, data, args, second(args))
     print(f"dense perplexity {dense.perplexity:.2f}")
     calibration = calibration_batch(tokenizer, data, args.calib_samples, args.calib_seq_len, seed=args.seed)
     start = time.perf_counter()
@@ -132,11 +160,14 @@ def main() -> None:
     payload["prune_seconds"] = time.perf_counter() - start
     payload["pruned_ppl"] = ppl(model, tokenizer, data, args)
     payload["pruned_sparsity"] = sparsity_facts(model)["sparsity"]
+    if second(args):
+        payload["pruned_ppl2"] = ppl(model, tokenizer, data, args, second(args))
     print(f"{args.method} {args.sparsity:.0%}: perplexity {payload['pruned_ppl']:.2f}")
     work = Path(tempfile.mkdtemp(prefix="prunekit-recovery-"))
     try:
         folder = save_model(model, tokenizer, work / "pruned", {"task": "causal-lm", "source_model": args.model,
                                                                 **result.record()})
+        zeros = zero_masks(model)
         del model
         write(path, payload)
         if args.probe_steps:
@@ -149,9 +180,16 @@ def main() -> None:
             recovered, tok, seconds = recover_once(folder, data, mode, steps, args, work)
             value = ppl(recovered, tok, data, args)
             gap = payload["pruned_ppl"] - payload["dense_ppl"]
-            payload["runs"].append({"mode": mode, "tokens": steps * args.batch_size * args.seq_len, "steps": steps,
-                                    "perplexity": value, "gap_closed": (payload["pruned_ppl"] - value) / gap,
-                                    "sparsity": sparsity_facts(recovered)["sparsity"], "train_seconds": seconds})
+            run = {"mode": mode, "tokens": steps * args.batch_size * args.seq_len, "steps": steps,
+                   "perplexity": value, "gap_closed": (payload["pruned_ppl"] - value) / gap,
+                   "sparsity": sparsity_facts(recovered)["sparsity"], "train_seconds": seconds,
+                   "same_zeros": zero_masks(recovered).keys() == zeros.keys() and all(
+                       torch.equal(mask, zeros[name]) for name, mask in zero_masks(recovered).items())}
+            if second(args):
+                run["perplexity2"] = ppl(recovered, tok, data, args, second(args))
+                run["gap_closed2"] = (payload["pruned_ppl2"] - run["perplexity2"]) / (
+                    payload["pruned_ppl2"] - payload["dense_ppl2"])
+            payload["runs"].append(run)
             print(f"{mode}: perplexity {value:.2f} ({payload['runs'][-1]['gap_closed']:.0%} of the gap closed)")
             write(path, payload)
     finally:

@@ -242,6 +242,8 @@ def part_flop(args: argparse.Namespace, results: dict[str, Any]) -> None:
                       "parameters_in_memory": sum(p.numel() for p in trained.parameters()),
                       "nonzero_block_weights": _nonzero_block_weights(trained), "train_seconds": result.train_seconds,
                       "loader": facts.get("loader")}
+        if method == "flop":  # export as a user would, reload with prunekit.load, compare logits
+            rows[name].update(_export_reload(trained, tokenizer, facts, tmp / f"export-{name.replace(' ', '_')}"))
         models[name] = trained
         write(results)
         return facts
@@ -257,6 +259,20 @@ def part_flop(args: argparse.Namespace, results: dict[str, Any]) -> None:
     for name, value in ratios(times, "dense fine-tuned").items():
         rows[name]["latency"] = value
     write(results)
+
+
+def _export_reload(model: nn.Module, tokenizer: Any, facts: dict[str, Any], out: Path) -> dict[str, Any]:
+    from prunekit.evaluate.size import weight_files
+    from prunekit.export import load, save_model
+
+    save_model(model, tokenizer, out, {"loader": facts.get("loader"), "layers": facts.get("layers")})
+    reloaded, _, record = load(out)
+    ids = torch.randint(0, 30000, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before, after = model.eval()(input_ids=ids).logits, reloaded.eval()(input_ids=ids).logits
+    return {"reloaded_with": f"prunekit.load (loader {record.get('loader')})",
+            "reload_max_logit_diff": float((before - after).abs().max()),
+            "bytes_on_disk": sum(f.stat().st_size for f in weight_files(out))}
 
 
 def _nonzero_block_weights(model: nn.Module) -> int:
@@ -311,6 +327,11 @@ def markdown(results: dict[str, Any]) -> str:
             kept = f"{sparsity:.3f}" if sparsity is not None else "-"
             lines.append(f"| {name} | {row['accuracy']:.4f} | {kept} | {row['parameters_in_memory'] / 1e6:.2f}M | "
                          f"{row['nonzero_block_weights'] / 1e6:.2f}M | {speed} |")
+        lines.append("")
+        for name, row in flop["models"].items():
+            if "reloaded_with" in row:
+                lines.append(f"- {name}: saved ({row['bytes_on_disk'] / 2**20:.1f} MiB of weights) and reloaded with "
+                             f"{row['reloaded_with']}; max logit difference {row['reload_max_logit_diff']:.2e}")
         lines.append("")
     return "\n".join(lines) + "\n"
 
