@@ -174,11 +174,31 @@ def single_thread(device: torch.device | str = "cpu") -> Iterator[None]:
     A thread barrier per small op costs more than the op: on 2 cores shared with other work, 2 threads
     made these steps 10-50x slower than 1. Forward passes (large matmuls) keep all threads.
     """
+    global _OUTER_THREADS
     if torch.device(device).type != "cpu":
         yield
         return
-    threads = torch.get_num_threads()
+    threads, outer = torch.get_num_threads(), _OUTER_THREADS
+    _OUTER_THREADS = max(threads, outer or 0)
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _OUTER_THREADS = outer
+
+
+_OUTER_THREADS: int | None = None  # the thread count outside the innermost single_thread, while inside one
+
+
+@contextmanager
+def all_threads() -> Iterator[None]:
+    """Inside :func:`single_thread`, give one large operation (a factorisation, a big matmul) every thread back."""
+    if _OUTER_THREADS is None or _OUTER_THREADS <= 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_OUTER_THREADS)
     try:
         yield
     finally:
@@ -333,7 +353,7 @@ def run_blockwise(model: nn.Module, calibration: torch.Tensor, visitor: BlockVis
             with torch.no_grad():
                 block.to(run_device)
             try:
-                _visit_block(index, block, inputs, visitor, report)
+                _visit_block(index, block, inputs, visitor, report, last=index == len(blocks) - 1)
             finally:
                 with torch.no_grad():
                     block.to(home)
@@ -341,8 +361,11 @@ def run_blockwise(model: nn.Module, calibration: torch.Tensor, visitor: BlockVis
 
 
 def _visit_block(index: int, block: nn.Module, inputs: list[BlockInputs], visitor: BlockVisitor,
-                 report: EngineReport) -> None:
-    """Stats pass, change, replay (or reuse) for one block; the inputs are replaced by its outputs."""
+                 report: EngineReport, last: bool = False) -> None:
+    """Stats pass, change, replay (or reuse) for one block; the inputs are replaced by its outputs.
+
+    The last block's replay is skipped when the visitor does not look at outputs (nothing reads them).
+    """
     layers = visitor.layers(index, block)
     outputs: list[torch.Tensor] = []
     start = time.perf_counter()
@@ -356,6 +379,9 @@ def _visit_block(index: int, block: nn.Module, inputs: list[BlockInputs], visito
             visitor.finish(index, block, layers, stats.observers)
         report.change_s += time.perf_counter() - start
         start = time.perf_counter()
+    if last and type(visitor).outputs is BlockVisitor.outputs:
+        report.replay_s += time.perf_counter() - start
+        return
     if outputs:  # the block is unchanged: the stats pass's outputs are its outputs
         for inp, out in zip(inputs, outputs, strict=True):
             inp.hidden = out

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import weight_view
-from prunekit.calibration import single_thread
+from prunekit.calibration import all_threads, single_thread
 from prunekit.errors import PrunekitError
 from prunekit.masks import Structure, count_to_prune, nm_mask, prune_lowest
 from prunekit.methods.base import LayerwiseMethod, flat_inputs
@@ -58,7 +58,7 @@ class SparseGPTMethod(LayerwiseMethod):
             return self._factor
         if self.hessian is None or self.n_tokens == 0:
             raise RuntimeError("sparsegpt: the layer received no calibration inputs")
-        with single_thread(self.hessian.device):
+        with single_thread(self.hessian.device), all_threads():  # large dense factorisations: every thread
             return self._factorise()
 
     def _factorise(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +137,8 @@ class SparseGPTMethod(LayerwiseMethod):
             if rows.stop < count:
                 block_w[rows.stop:].addmm_(block_h[rows, rows.stop:].t(), errors[rows], alpha=-1.0)
         if end < n_in:
-            work[end:].addmm_(factor[start:end, end:].t(), errors, alpha=-1.0)
+            with all_threads():  # the one large matmul of the block
+                work[end:].addmm_(factor[start:end, end:].t(), errors, alpha=-1.0)
         return keep
 
     def describe(self) -> dict[str, object]:
