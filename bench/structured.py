@@ -321,7 +321,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["## minilm-l6 on reviews", "", "| model | accuracy | block-weight sparsity | params in memory | "
                   "nonzero block weights | fwd128 latency |", "|" + "---|" * 6]
         for name, row in flop["models"].items():
-            lat = row.get("latency")
+            lat = (row.get("latency") or {}).get("forward_128")
             sparsity = row.get("sparsity_of_block_weights")
             speed = f"{lat['ms']:.1f} ms ({lat['ratio']:.2f}x)" if lat else "-"
             kept = f"{sparsity:.3f}" if sparsity is not None else "-"
