@@ -494,3 +494,26 @@ def test_real_austen(tmp_path, monkeypatch):
     data = load_data("austen")
     assert data.splits["eval"].startswith("Persuasion")
     assert data.splits["train"].startswith("EMMA") and len(data.splits["train"]) > 3_000_000
+
+
+def test_long_texts_are_tokenised_once_then_read_from_the_cache(tiny_tokenizer, monkeypatch) -> None:
+    from prunekit.data import core
+
+    text = " ".join(f"word{i % 97} and more text" for i in range(12_000))  # > TOKEN_CACHE_MIN_CHARS characters
+    assert len(text) >= core.TOKEN_CACHE_MIN_CHARS
+    expected = torch.as_tensor(tiny_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    first = core.tokenize_text(tiny_tokenizer, text)
+    assert torch.equal(first, expected)
+    path = core._token_cache_path(tiny_tokenizer, text)
+    assert path is not None and path.is_file()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tokenised again instead of reading the cache")
+
+    monkeypatch.setattr(type(tiny_tokenizer), "__call__", refuse)
+    assert torch.equal(core.tokenize_text(tiny_tokenizer, text), expected)
+    # another text gets another file; a short text is never cached
+    assert core._token_cache_path(tiny_tokenizer, text + "!") != path
+    monkeypatch.undo()
+    core.tokenize_text(tiny_tokenizer, "short text")
+    assert len(list(path.parent.glob("*.pt"))) == 1

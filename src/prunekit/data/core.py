@@ -72,15 +72,63 @@ def _split_text(data: TextData, split: str) -> str:
     return data.splits[split]
 
 
+TOKEN_CACHE_MIN_CHARS = 200_000  # shorter texts tokenise in well under a second: not worth a cache file
+
+
 def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
     """Token ids of ``text`` as one 1-D LongTensor.
 
     The whole text is tokenised in one call with ``add_special_tokens=False``: no BOS/EOS is added,
     so windows cut from it start mid-stream. ``verbose=False`` silences the "sequence longer than
     model_max_length" warning, which does not apply because the ids are cut into windows afterwards.
+    Long texts (a novel split) are cached in ``cache_dir()/tokens/``, keyed by a hash of the text and
+    of the tokenizer's full definition, so the next command skips the tokenisation.
     """
+    cached = _token_cache_path(tokenizer, text) if len(text) >= TOKEN_CACHE_MIN_CHARS else None
+    if cached is not None and cached.is_file():
+        try:
+            return torch.load(cached, weights_only=True)
+        except Exception:  # a damaged cache file: tokenise again and rewrite it
+            pass
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    tokens = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if cached is not None:
+        _save_tokens(cached, tokens)
+    return tokens
+
+
+def _token_cache_path(tokenizer: Any, text: str) -> Path | None:
+    """The cache file for (tokenizer, text), or None when the tokenizer cannot be fingerprinted."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None  # slow tokenizers: no exact fingerprint, no cache
+    digest = hashlib.sha256()
+    digest.update(type(tokenizer).__name__.encode())
+    digest.update(backend.to_str().encode())
+    digest.update(b"\0")
+    digest.update(text.encode("utf-8", "surrogatepass"))
+    return cache_dir() / "tokens" / f"{digest.hexdigest()[:32]}.pt"
+
+
+def _save_tokens(path: Path, tokens: torch.Tensor) -> None:
+    import os
+    import tempfile
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+        os.close(handle)
+        torch.save(tokens, tmp)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError:  # a read-only cache only costs the time to tokenise again
+        pass
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def calibration_batch(tokenizer: Any, data: TextData, n_samples: int, seq_len: int, seed: int = 0,
