@@ -98,8 +98,9 @@ def write(path: Path, payload: dict[str, Any]) -> None:
     lines = [f"# Recovery fine-tuning: {s['model']}, {s['method']} {s['sparsity']:.0%}, {s['data']}", "",
              "Settings: " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "out"), "",
              f"Machine: {payload['machine']}", "",
-             f"Training speed (probe): {payload.get('tokens_per_second', 0):.0f} tokens/s "
-             f"(full fine-tuning, batch {s['batch_size']} x {s['seq_len']})", "",
+             (f"Training speed (probe): {payload['tokens_per_second']:.0f} tokens/s "
+              f"(full fine-tuning, batch {s['batch_size']} x {s['seq_len']})" if payload.get("tokens_per_second")
+              else f"Batch {s['batch_size']} x {s['seq_len']} tokens per step; 'train s' is each run's wall time"), "",
              f"| model | training tokens | perplexity (eval) | gap closed | perplexity ({s.get('second_split')}) "
              "| gap closed | sparsity | same zeros | train s |", "|---|---|---|---|---|---|---|---|---|",
              f"| dense | - | {dense:.2f} | - | {_fmt(payload.get('dense_ppl2'))} | - | 0 | - | - |" if dense else
