@@ -289,7 +289,7 @@ def test_cli_train_exports_a_record(tmp_path: Path) -> None:
     assert type(reloaded).__name__ == "BertForSequenceClassification"
 
 
-def test_cli_finetune_lora_keeps_sparsity(tmp_path: Path) -> None:
+def test_cli_finetune_lora_keeps_sparsity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from prunekit.export import save_model
 
     model = tiny_llama()
@@ -308,6 +308,11 @@ def test_cli_finetune_lora_keeps_sparsity(tmp_path: Path) -> None:
     assert record["recovery"]["sparsity_after"] == pytest.approx(record["recovery"]["sparsity_before"])
     assert record["recovery"]["training"]["total_steps"] == 8  # 2000 tokens / (8 x 32) per step, rounded up
     assert record["results"]["perplexity"] > 1.0
+    # the pruned model's held-out perplexity is measured the same way and shown beside the result
+    before = record["results_before"]
+    assert before["protocol"] == record["results"]["protocol"] and before["perplexity"] > 1.0
+    printed = capsys.readouterr().out
+    assert "(before)" in printed and f"{before['perplexity']:.2f}"[:4] in printed
 
 
 @pytest.mark.parametrize("extra, words", [

@@ -114,7 +114,15 @@ def run(args: argparse.Namespace) -> int:
 
 def finetune_command(settings: dict[str, Any], record: dict[str, Any]) -> int:
     """Load the pruned model, data and teacher; recover; evaluate; export with an extended record."""
-    from prunekit.cli.train import checkpoint_folder, finish, sparsity_record, train_config, training_record
+    from prunekit.cli.train import (
+        checkpoint_folder,
+        final_evaluation,
+        finish,
+        is_main_process,
+        sparsity_record,
+        train_config,
+        training_record,
+    )
     from prunekit.data import ClassificationData, load_data
     from prunekit.export import load
     from prunekit.finetune import LoraSettings, recover
@@ -152,6 +160,8 @@ def finetune_command(settings: dict[str, Any], record: dict[str, Any]) -> int:
         config.distill_alpha = 0.0
     checkpoints = checkpoint_folder(settings)
     before = sparsity_facts(model)["sparsity"]
+    # the held-out number of the pruned model, measured the same way as the result's (shown side by side)
+    baseline = {**final_evaluation(model, tokenizer, data, settings), "sparsity": before} if is_main_process() else None
     result = recover(model, tokenizer, data, config=config, lora=lora_settings, teacher=teacher,
                      checkpoint_dir=checkpoints, resume=bool(settings["resume"]))
     if result.stopped_early:
@@ -174,5 +184,6 @@ def finetune_command(settings: dict[str, Any], record: dict[str, Any]) -> int:
         "sparsity": sparsity_record(facts, (record.get("sparsity") or {}).get("target")
                                     if isinstance(record.get("sparsity"), dict) else None),
     })
-    finish(result, tokenizer, data, settings, new_record, checkpoints, f"recovery of {settings['model']}")
+    finish(result, tokenizer, data, settings, new_record, checkpoints, f"recovery of {settings['model']}",
+           before=baseline)
     return 0

@@ -197,19 +197,31 @@ def sparsity_record(facts: dict[str, Any], target: float | None) -> dict[str, An
 
 
 def finish(result: Any, tokenizer: Any, data: Any, settings: dict[str, Any], record: dict[str, Any],
-           checkpoints: Path, title: str) -> None:
-    """Evaluate, write the model with its record (rank 0 only), print a summary, remove checkpoints."""
+           checkpoints: Path, title: str, before: dict[str, Any] | None = None) -> None:
+    """Evaluate, write the model with its record (rank 0 only), print a summary, remove checkpoints.
+
+    ``before``: the same evaluation of the model before training (a row "before" in the summary).
+    """
     from prunekit.evaluate import format_table
     from prunekit.export import save_model
 
     if is_main_process():
         results = final_evaluation(result.model, tokenizer, data, settings)
         record["results"] = results
+        if before is not None:
+            record["results_before"] = before
         save_model(result.model, tokenizer, settings["out"], record, overwrite=bool(settings["overwrite"]))
-        row = {"model": str(settings["out"]), **{k: v for k, v in results.items() if k in ("accuracy", "perplexity")},
-               "sparsity": record.get("sparsity", {}).get("total"), "steps": result.steps,
-               "train_s": round(result.train_seconds, 1)}
-        print(format_table([row], title=title), end="")
+        metrics = ("accuracy", "perplexity")
+        rows = []
+        if before is not None:
+            rows.append({"model": f"{settings['model']} (before)", **{k: v for k, v in before.items() if k in metrics},
+                         "sparsity": before.get("sparsity"), "steps": 0, "train_s": 0.0})
+        rows.append({"model": str(settings["out"]), **{k: v for k, v in results.items() if k in metrics},
+                     "sparsity": record.get("sparsity", {}).get("total"), "steps": result.steps,
+                     "train_s": round(result.train_seconds, 1)})
+        if results.get("protocol"):
+            print(f"perplexity: {results['protocol']}")
+        print(format_table(rows, title=title), end="")
         if checkpoints.exists() and not settings["keep_checkpoints"]:
             shutil.rmtree(checkpoints, ignore_errors=True)
         print(f"saved to {settings['out']}")
