@@ -112,10 +112,18 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         tmp.rename(final)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary name, so a reader never sees half a file."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file through a temporary name, so a reader never sees half a file (none is left on failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file through a temporary name, so a reader never sees half a file."""
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.utils import atomic_dir, cache_dir
+from prunekit.utils import atomic_dir, atomic_write_bytes, cache_dir
 
 # A classification example's text: one string, or a (first, second) pair for sentence-pair tasks
 # (GLUE mrpc/rte/qnli/mnli, or a local file with a ``text_pair`` column). Trainers pass a pair to
@@ -113,22 +113,14 @@ def _token_cache_path(tokenizer: Any, text: str) -> Path | None:
 
 
 def _save_tokens(path: Path, tokens: torch.Tensor) -> None:
-    import os
-    import tempfile
+    import io
 
-    tmp = None
+    buffer = io.BytesIO()
+    torch.save(tokens, buffer)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-        os.close(handle)
-        torch.save(tokens, tmp)
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write_bytes(path, buffer.getvalue())
     except OSError:  # a read-only cache only costs the time to tokenise again
         pass
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def calibration_batch(tokenizer: Any, data: TextData, n_samples: int, seq_len: int, seed: int = 0,
