@@ -59,15 +59,20 @@ def label(run: dict[str, Any]) -> str:
     return f"{run['method']} {amount}" + (" owl" if run.get("allocation") == "owl" else "")
 
 
-def rss_mb() -> float:
-    """Current resident memory (MB) from /proc, or the peak so far where /proc is missing."""
+def _status_mb(key: str) -> float:
+    """A memory figure (MB) from /proc/self/status, or the peak so far where /proc is missing."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """Current resident memory (MB)."""
+    return _status_mb("VmRSS")
 
 
 def reset_peak() -> bool:
@@ -80,13 +85,8 @@ def reset_peak() -> bool:
 
 
 def peak_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory (MB) since start or the last reset_peak()."""
+    return _status_mb("VmHWM")
 
 
 def run_one(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
