@@ -19,8 +19,9 @@ lr 1e-4; tiny, because a step takes tens of seconds on 2 shared cores) and perpl
 Part 2 (minilm-l6 on reviews, optional --skip-flop): fine-tuned dense; FLOP at 50 % and 70 %; GMP at
 the parameter count FLOP reached (GMP zeros weights, so it runs at dense speed). Same training
 budget for all (1 epoch of the train split, batch 32, at most 64 tokens per example, lr 5e-5; FLOP
-gates lr 0.02, λ lr 0.02, target ramp over half the run); accuracy on the test split; latency of a
-128-token forward, batch 1, interleaved.
+with its defaults: gates start open (drop_init 0.01), gates lr 0.2, λ lr 0.05, target ramped from the
+initial expected sparsity over half the run, λ1 reset when the target is crossed); accuracy on the
+test split; latency of a 128-token forward, batch 1, interleaved.
 
     python bench/structured.py                   # everything (a few hours on 2 busy cores)
     python bench/structured.py --skip-flop --skip-recovery --eval-tokens 8192
@@ -352,8 +353,8 @@ def main() -> None:
     parser.add_argument("--flop-epochs", type=float, default=1.0)
     parser.add_argument("--flop-max-length", type=int, default=64)
     parser.add_argument("--flop-lr", type=float, default=5e-5)
-    parser.add_argument("--gate-lr", type=float, default=0.02)
-    parser.add_argument("--lambda-lr", type=float, default=0.02)
+    parser.add_argument("--gate-lr", type=float, default=None, help="FLOP gates' rate (default: the method's)")
+    parser.add_argument("--lambda-lr", type=float, default=None, help="FLOP λ rate (default: the method's)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     from transformers.utils import logging as hf_logging

@@ -78,16 +78,51 @@ def test_lagrangian_ascent_on_lambdas() -> None:
     torch.manual_seed(0)
     layer = FactorizedLinear(nn.Linear(8, 8), rank="full")
     method = _method_on({"l": layer}, sparsity=0.9)
-    loss = method.extra_loss(nn.Module(), step=10)  # target 0.9, expected sparsity about 1 - 2·0.83 < 0.9
-    assert loss is not None and loss.item() == 0.0
-    loss.backward()
-    assert layer.log_alpha.grad is not None
-    method.after_backward(nn.Module(), 10)
+    assert method.extra_loss(nn.Module(), step=10) is None  # the Lagrangian stays out of the clipped loss
+    method.after_backward(nn.Module(), 10)  # target 0.9, expected sparsity about 1 - 2·0.83 < 0.9
+    assert layer.log_alpha.grad is not None and (layer.log_alpha.grad == 0).all()  # λ = 0: no push yet
     lambda1, lambda2 = method.lambdas.tolist()
     assert lambda1 < 0 < lambda2  # ascent: d/dλ1 = ŝ - t < 0, d/dλ2 = (ŝ - t)² > 0
+    task = torch.full_like(layer.log_alpha, 0.125)
+    layer.log_alpha.grad = task.clone()  # as left by backward and clipping
+    method.after_backward(nn.Module(), 10)
+    # d/dlog α_k of λ1·gap + λ2·gap² = (λ1 + 2λ2·gap)·dŝ/dlog α_k, dŝ/dlog α_k = -(16/64)·p_k(1 - p_k)
+    p = keep_probability(layer.log_alpha.detach())
+    gap = 1 - 16 * p.sum() / 64 - 0.9
+    by_hand = task + (lambda1 + 2 * lambda2 * gap) * -(16 / 64) * p * (1 - p)
+    assert torch.allclose(layer.log_alpha.grad, by_hand, atol=1e-7)
+    assert (layer.log_alpha.grad > task).all()  # the push is towards smaller log α, i.e. more sparsity
+
+
+def test_lambda1_resets_when_the_target_is_crossed() -> None:
+    torch.manual_seed(0)
+    layer = FactorizedLinear(nn.Linear(8, 8), rank="param")  # 4 components of 16 params, dense 64
+    method = _method_on({"l": layer}, sparsity=0.3)
+    with torch.no_grad():
+        layer.log_alpha.fill_(-3.0)  # ŝ = 1 - 64·p/64 with p = sigmoid(-3 + 1.6) = 0.20: far past the target
+        method.lambdas.copy_(torch.tensor([-2.0, 1.0]))  # wound up while ŝ lagged below the target
+    method.after_backward(nn.Module(), 10)
+    lambda1, lambda2 = method.lambdas.tolist()
+    assert lambda1 == 0.0 and lambda2 > 1.0  # λ1 and its momentum reset; λ2 keeps rising
+    assert method.lambda_optimizer.state[method.lambdas]["exp_avg"][0] == 0.0
+    # with λ1 = 0 the quadratic term alone now pulls back towards density: d/dlog α < 0 (log α rises)
     layer.log_alpha.grad = None
-    method.extra_loss(nn.Module(), step=10).backward()  # now the penalty pushes the gates towards sparsity
-    assert (layer.log_alpha.grad > 0).all()
+    method.after_backward(nn.Module(), 10)
+    assert (layer.log_alpha.grad < 0).all()
+
+
+def test_ramp_starts_at_the_initial_expected_sparsity() -> None:
+    model = nn.Sequential(nn.Linear(8, 8))
+    method = FlopMethod(sparsity=0.6, warmup_steps=10, drop_init=0.5)
+    method.layers = {"0": FactorizedLinear(model[0], rank="full", drop_init=0.5)}
+    method.dense_params = 64
+    with torch.no_grad():
+        method.layers["0"].log_alpha.fill_(0.0)
+    method.start, method.warmup = float(method.expected_sparsity().detach()), 10  # as setup does (ramp_from="initial")
+    assert method.start == pytest.approx(1 - 2 * 0.8318222, abs=1e-5)  # rank 8 x 16 params of 64 at p = 0.83
+    assert method.target_at(0) == pytest.approx(method.start)
+    assert method.target_at(5) == pytest.approx((method.start + 0.6) / 2)
+    assert method.target_at(20) == 0.6
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
@@ -119,7 +154,7 @@ def _train(model: nn.Module, method: FlopMethod, steps: int, tokens: torch.Tenso
                                    *groups])
     model.train()
     for step in range(steps):
-        loss = model(input_ids=tokens, labels=labels).loss + method.extra_loss(model, step)
+        loss = model(input_ids=tokens, labels=labels).loss
         loss.backward()
         method.after_backward(model, step)
         optimizer.step()
@@ -142,10 +177,10 @@ def test_training_reaches_target_and_reloads(make_tiny_model: Callable[..., nn.M
     model = make_tiny_model("bert", num_labels=3, num_hidden_layers=1)
     tokens = torch.randint(4, 100, (8, 10), generator=torch.Generator().manual_seed(0))
     labels = torch.arange(8) % 3
-    settings = {"sparsity": 0.6, "lr": 1e-3, "gate_lr": 0.05, "lambda_lr": 0.05, "warmup_steps": 0.3, "epochs": 1}
+    settings = {"sparsity": 0.6, "lr": 1e-3, "warmup_steps": 0.5, "epochs": 1}  # default gate and λ rates
     method = build_training_method("flop", settings)
     assert isinstance(method, FlopMethod) and TRAINING_METHODS["flop"] is FlopMethod
-    _train(model, method, 60, tokens, labels)
+    _train(model, method, 100, tokens, labels)
     assert method.expected_sparsity().item() == pytest.approx(0.6, abs=0.08)
     with torch.no_grad():
         gated = model(input_ids=tokens).logits
