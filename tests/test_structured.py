@@ -216,6 +216,19 @@ def test_blocks_removes_the_least_influential(make_tiny_model: Callable[..., nn.
     assert torch.allclose(logits(model, tokens), logits(reference, tokens), atol=1e-5)
 
 
+def test_magnitude_importance_needs_no_calibration(make_tiny_model: Callable[..., nn.Module]) -> None:
+    model = make_tiny_model("llama", **GQA)
+    reference = copy.deepcopy(model)
+    without = prune(model, PruneConfig(method="heads-neurons", ratio=0.5, importance="magnitude"), None,
+                    progress=False)
+    with_calib = prune(reference, PruneConfig(method="heads-neurons", ratio=0.5, importance="magnitude"), calib(),
+                       progress=False)
+    assert without.extra["heads_removed"] == with_calib.extra["heads_removed"]  # calibration plays no part
+    assert surgery.count_parameters(model) == surgery.count_parameters(reference)
+    with pytest.raises(PrunekitError, match="needs calibration data"):
+        prune(make_tiny_model("llama", **GQA), PruneConfig(method="heads-neurons", ratio=0.5), None, progress=False)
+
+
 def test_bad_input_is_one_line_error(make_tiny_model: Callable[..., nn.Module]) -> None:
     model = make_tiny_model("llama", **GQA)
     before = surgery.count_parameters(model)

@@ -114,7 +114,9 @@ class PruneConfig:
 
     def needs_calibration(self) -> bool:
         """True when the method, or OWL allocation, reads calibration activations."""
-        return get_method(self.method).needs_calibration or self.allocation == "owl"
+        info = get_method(self.method)
+        needed = info.calibration_rule(self) if info.calibration_rule is not None else info.needs_calibration
+        return needed or self.allocation == "owl"
 
 
 def _patterns(value: Any, name: str) -> list[str] | None:

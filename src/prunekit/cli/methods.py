@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     for info in available_methods():
         settings = ", ".join(f"{name}={defaults.get(name)}" if defaults.get(name) is not None else name
                              for name in info.settings)
-        table.add_row(info.name, info.kind, "yes" if info.needs_calibration else "no", settings, info.description)
+        calibration = ("depends" if info.calibration_rule else "yes") if info.needs_calibration else "no"
+        table.add_row(info.name, info.kind, calibration, settings, info.description)
     Console(width=max(Console().width, 160)).print(table)
     print("allocation: uniform (same sparsity in every block) or owl (outlier-weighted, needs calibration); "
           "structure: unstructured or N:M (e.g. 2:4); include/exclude: fnmatch patterns on full layer names")

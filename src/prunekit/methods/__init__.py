@@ -47,6 +47,7 @@ class MethodInfo:
     settings: tuple[str, ...]
     layerwise: type[LayerwiseMethod] | None = None
     fn: WholeModelFn | None = None
+    calibration_rule: Callable[[Any], bool] | None = None  # decides needs_calibration per config when given
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -60,9 +61,15 @@ def register_method(cls: type[LayerwiseMethod]) -> type[LayerwiseMethod]:
 
 
 def register_whole_model_method(name: str, fn: WholeModelFn, description: str, needs_calibration: bool,
-                                settings: tuple[str, ...] = ("ratio", "remove", "importance")) -> None:
-    """Register a function that prunes a whole model in place: ``fn(model, config, calibration, device, progress)``."""
-    _REGISTRY[name] = MethodInfo(name, "whole-model", description, needs_calibration, tuple(settings), fn=fn)
+                                settings: tuple[str, ...] = ("ratio", "remove", "importance"),
+                                calibration_rule: Callable[[Any], bool] | None = None) -> None:
+    """Register a function that prunes a whole model in place: ``fn(model, config, calibration, device, progress)``.
+
+    ``calibration_rule(config)``, when given, says whether this config needs calibration data (e.g. not
+    for magnitude importance); ``needs_calibration`` is what listings show.
+    """
+    _REGISTRY[name] = MethodInfo(name, "whole-model", description, needs_calibration, tuple(settings), fn=fn,
+                                 calibration_rule=calibration_rule)
 
 
 def _load_plugins() -> None:

@@ -467,9 +467,10 @@ def prune_blocks(model: nn.Module, config: Any, calibration: torch.Tensor | None
 
 register_whole_model_method(
     "heads-neurons", prune_heads_neurons,
-    "remove whole attention heads and FFN neurons (importance: flap (default), wanda, magnitude, taylor; "
-    "--compare global for sizes that differ per block)",
-    needs_calibration=True, settings=("ratio", "importance", "compare"))
+    "remove whole attention heads and FFN neurons (importance: flap (default), wanda, magnitude (no calibration), "
+    "taylor; --compare global for sizes that differ per block)",
+    needs_calibration=True, settings=("ratio", "importance", "compare"),
+    calibration_rule=lambda config: setting(config, "importance", "flap") != "magnitude")
 register_whole_model_method(
     "blocks", prune_blocks, "remove whole transformer blocks of lowest influence (ShortGPT)",
     needs_calibration=True, settings=("remove", "ratio"))
