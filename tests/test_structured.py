@@ -225,8 +225,10 @@ def test_magnitude_importance_needs_no_calibration(make_tiny_model: Callable[...
                        progress=False)
     assert without.extra["heads_removed"] == with_calib.extra["heads_removed"]  # calibration plays no part
     assert surgery.count_parameters(model) == surgery.count_parameters(reference)
-    with pytest.raises(PrunekitError, match="needs calibration data"):
-        prune(make_tiny_model("llama", **GQA), PruneConfig(method="heads-neurons", ratio=0.5), None, progress=False)
+    for settings in ({"ratio": 0.5}, {"ratio": 0.5, "importance": "magnitude", "bias_compensation": True}):
+        with pytest.raises(PrunekitError, match="needs calibration data"):
+            prune(make_tiny_model("llama", **GQA), PruneConfig(method="heads-neurons", **settings), None,
+                  progress=False)
 
 
 def test_bad_input_is_one_line_error(make_tiny_model: Callable[..., nn.Module]) -> None:
@@ -268,6 +270,9 @@ def test_cli_prune_heads_neurons_and_blocks(make_tiny_model: Callable[..., nn.Mo
     out = tmp_path / "hn"
     assert main(["prune", str(folder), "--method", "heads-neurons", "--ratio", "0.5", *common, "--out", str(out)]) == 0
     record = json.loads((out / "prunekit.json").read_text())
+    before, after = (record["method_result"][k] / 1e6 for k in ("parameters_before", "parameters_after"))
+    assert (f"heads-neurons: removed 67% of heads and 50% of FFN neurons; parameters {before:.2f} M -> {after:.2f} M"
+            in capsys.readouterr().out)
     assert record["loader"] is None and record["method_result"]["plain_reload"]
     assert record["method_result"]["parameters_after"] < record["method_result"]["parameters_before"]
     assert json.loads((out / "config.json").read_text())["num_attention_heads"] == 2
@@ -276,6 +281,18 @@ def test_cli_prune_heads_neurons_and_blocks(make_tiny_model: Callable[..., nn.Mo
     assert main(["prune", str(folder), "--method", "heads-neurons", "--ratio", "0.3", "--compare", "global",
                  "--importance", "wanda", *common, "--out", str(out_global)]) == 0
     assert load(out_global)[0] is not None
+    out_groups = tmp_path / "groups"
+    assert main(["prune", str(folder), "--method", "heads-neurons", "--heads-ratio", "0.5", "--neurons-ratio", "0.25",
+                 "--gqa", "groups", "--no-bias-compensation", *common, "--out", str(out_groups)]) == 0
+    config = json.loads((out_groups / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (3, 1, 48)
+    result = json.loads((out_groups / "prunekit.json").read_text())["method_result"]
+    assert result["bias_compensation"] == "off" and result["gqa_rule"].startswith("groups")
+    assert not config.get("attention_bias") and not config.get("mlp_bias")
+    capsys.readouterr()
+    assert main(["prune", str(folder), "--method", "heads-neurons", "--ratio", "0.5", "--gqa", "kv", *common,
+                 "--out", str(tmp_path / "bad-gqa")]) == 2
+    assert "unknown GQA rule 'kv'" in capsys.readouterr().err
     out_blocks = tmp_path / "blocks"
     assert main(["prune", str(folder), "--method", "blocks", "--remove", "1", *common, "--out", str(out_blocks)]) == 0
     assert json.loads((out_blocks / "config.json").read_text())["num_hidden_layers"] == 2

@@ -52,6 +52,10 @@ class PruneConfig:
     ratio: float | None = None  # structured methods: fraction of heads/neurons/blocks to remove
     remove: int | None = None  # structured methods: number of blocks/heads to remove
     importance: str | None = None  # structured methods: importance score name
+    heads_ratio: float | None = None  # heads-neurons: fraction of heads to remove (default: ratio)
+    neurons_ratio: float | None = None  # heads-neurons: fraction of FFN neurons to remove (default: ratio)
+    gqa: str | None = None  # heads-neurons with grouped-query attention: query (default) or groups
+    bias_compensation: bool | None = None  # heads-neurons: output-bias compensation (default: on for flap)
 
     def __post_init__(self) -> None:
         self.include = _patterns(self.include, "include")

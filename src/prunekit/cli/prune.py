@@ -16,7 +16,8 @@ from typing import Any
 from prunekit.cli.common import add_common, maybe_print_config, resolve
 
 CONFIG_KEYS = ("method", "sparsity", "structure", "allocation", "compare", "include", "exclude", "include_lm_head",
-               "block_size", "dampening", "owl_m", "owl_lambda", "micro_batch_size", "ratio", "remove", "importance")
+               "block_size", "dampening", "owl_m", "owl_lambda", "micro_batch_size", "ratio", "remove", "importance",
+               "heads_ratio", "neurons_ratio", "gqa", "bias_compensation")
 
 RECORD_KEYS = ("loader", "structure", "factorised")  # facts of whole-model methods that export.load reads
 
@@ -25,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "method": "wanda", "sparsity": None, "structure": "unstructured", "allocation": "uniform", "compare": None,
     "include": None, "exclude": None, "include_lm_head": False, "block_size": 128, "dampening": 0.01,
     "owl_m": 5.0, "owl_lambda": 0.08, "micro_batch_size": 8, "ratio": None, "remove": None, "importance": None,
+    "heads_ratio": None, "neurons_ratio": None, "gqa": None, "bias_compensation": None,
     "calib": "austen", "calib_samples": 64, "seq_len": 512,
     "eval": None, "eval_tokens": 32768, "eval_seq_len": None, "latency": True,
 }
@@ -59,6 +61,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--ratio", type=float, default=None, help="structured methods: fraction to remove")
     group.add_argument("--remove", type=int, default=None, help="structured methods: how many to remove")
     group.add_argument("--importance", default=None, help="structured methods: importance score")
+    group.add_argument("--heads-ratio", type=float, default=None, help="heads-neurons: fraction of heads (--ratio)")
+    group.add_argument("--neurons-ratio", type=float, default=None,
+                       help="heads-neurons: fraction of FFN neurons (--ratio)")
+    group.add_argument("--gqa", default=None, help="heads-neurons with grouped-query attention: query (remove query "
+                       "heads evenly within key/value groups, default) or groups (remove whole key/value groups)")
+    group.add_argument("--bias-compensation", dest="bias_compensation", action=argparse.BooleanOptionalAction,
+                       default=None, help="heads-neurons: add the mean output of removed heads/neurons as a bias "
+                       "(default: on for flap importance)")
     data = parser.add_argument_group("data")
     data.add_argument("--calib", default=None, help="calibration text set (default austen; text:PATH works)")
     data.add_argument("--calib-samples", type=int, default=None, help="calibration windows (default 64)")
@@ -183,7 +193,16 @@ def _print_summary(settings: dict[str, Any], config: Any, result: Any, evaluatio
         protocol = (evaluation["pruned"].get("perplexity") or {}).get("protocol")
         if protocol:
             print(f"protocol: {protocol}")
-    print(f"pruned {len(result.layers)} layers to {100 * result.sparsity:.2f}% sparsity with {config.method} in "
-          f"{timing.get('prune_wall_s', 0):.1f} s (total {timing.get('total_s', 0):.1f} s); saved to {out}")
+    took = f"in {timing.get('prune_wall_s', 0):.1f} s (total {timing.get('total_s', 0):.1f} s); saved to {out}"
+    extra = result.extra or {}
+    if "parameters_after" in extra:  # structured: the model shrank, its remaining weights are dense
+        what = (f"removed {100 * extra['heads_removed_fraction']:.0f}% of heads and "
+                f"{100 * extra['neurons_removed_fraction']:.0f}% of FFN neurons"
+                if "heads_removed_fraction" in extra else f"removed blocks {extra.get('blocks_removed')}")
+        print(f"{config.method}: {what}; parameters {extra['parameters_before'] / 1e6:.2f} M -> "
+              f"{extra['parameters_after'] / 1e6:.2f} M {took}")
+    else:
+        print(f"pruned {len(result.layers)} layers to {100 * result.sparsity:.2f}% sparsity with {config.method} "
+              f"{took}")
     if config.structure == "unstructured" and result.target_sparsity:
         print("note: unstructured zeros shrink neither the files nor dense matmuls; the model runs as fast as before")

@@ -364,6 +364,9 @@ def prune_heads_neurons(model: nn.Module, config: Any, calibration: torch.Tensor
         raise PrunekitError(f"importance '{importance}' needs calibration data: pass --calib, "
                             "or use --importance magnitude")
     compensate = bool(setting(config, "bias_compensation", importance == "flap"))
+    if compensate and calibration is None:
+        raise PrunekitError("bias compensation needs calibration data (the mean output of what is removed): pass "
+                            "--calib, or --no-bias-compensation")
     needs_stats = importance in ("wanda", "flap") or compensate
     stats = collect_stats(model, calibration, device, progress) if needs_stats and calibration is not None else None
     grads = None
@@ -469,8 +472,10 @@ register_whole_model_method(
     "heads-neurons", prune_heads_neurons,
     "remove whole attention heads and FFN neurons (importance: flap (default), wanda, magnitude (no calibration), "
     "taylor; --compare global for sizes that differ per block)",
-    needs_calibration=True, settings=("ratio", "importance", "compare"),
-    calibration_rule=lambda config: setting(config, "importance", "flap") != "magnitude")
+    needs_calibration=True,
+    settings=("ratio", "importance", "compare", "heads_ratio", "neurons_ratio", "gqa", "bias_compensation"),
+    calibration_rule=lambda config: (setting(config, "importance", "flap") != "magnitude"
+                                     or bool(setting(config, "bias_compensation", False))))
 register_whole_model_method(
     "blocks", prune_blocks, "remove whole transformer blocks of lowest influence (ShortGPT)",
     needs_calibration=True, settings=("remove", "ratio"))
