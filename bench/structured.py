@@ -3,7 +3,9 @@
 Part 1 (smollm2-135m, causal LM): dense; heads-neurons at ratio 0.25 and 0.5 (FLAP importance with
 bias compensation, uniform allocation, GQA rule "query": the same number of query heads removed
 from each of the 3 key/value groups, round-half-up(ratio x 3) -> 1 of 3 at 0.25 and 2 of 3 at 0.5;
-so 33 % and 67 % of query heads, the fraction actually removed is reported); 4 blocks removed by
+so 33 % and 67 % of query heads, the fraction actually removed is reported); the 50 % model once
+more without bias compensation (SmolLM2's config can only give all attention or all MLP layers a
+bias, so compensation brings 7 biases per block, 5 of them zero); 4 blocks removed by
 block influence (ShortGPT). Calibration: 32 windows x 512 tokens (seed 0) of the austen calibration
 split. The uniform models are saved and reloaded with plain AutoModelForCausalLM.from_pretrained
 (logits compared). Latency on 2 CPU threads, batch 1, random token ids (seed 0): a forward of 128 and
@@ -143,6 +145,8 @@ def part_smollm(args: argparse.Namespace, results: dict[str, Any]) -> None:
     calibration = calibration_batch(tokenizer, data, 32, 512, seed=0)
     variants = {"heads-neurons 25%": {"method": "heads-neurons", "ratio": 0.25, "importance": "flap"},
                 "heads-neurons 50%": {"method": "heads-neurons", "ratio": 0.5, "importance": "flap"},
+                "heads-neurons 50% no bias": {"method": "heads-neurons", "ratio": 0.5, "importance": "flap",
+                                              "bias_compensation": False},
                 "blocks -4": {"method": "blocks", "remove": 4}}
     models: dict[str, nn.Module] = {"dense": dense}
     rows: dict[str, dict[str, Any]] = {"dense": {"parameters": sum(p.numel() for p in dense.parameters()),
