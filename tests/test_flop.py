@@ -109,6 +109,12 @@ def test_lambda1_resets_when_the_target_is_crossed() -> None:
     layer.log_alpha.grad = None
     method.after_backward(nn.Module(), 10)
     assert (layer.log_alpha.grad < 0).all()
+    plain = _method_on({"l": layer}, sparsity=0.3)
+    plain.anti_windup = False  # the paper's plain ascent: λ1 only moves by its (Adam) step
+    with torch.no_grad():
+        plain.lambdas.copy_(torch.tensor([-2.0, 1.0]))
+    plain.after_backward(nn.Module(), 10)
+    assert plain.lambdas[0].item() == pytest.approx(-2.0 + plain.lambda_lr, abs=1e-4)
 
 
 def test_ramp_starts_at_the_initial_expected_sparsity() -> None:

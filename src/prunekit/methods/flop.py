@@ -20,6 +20,7 @@ epoch of 265 steps, see the README):
   ramp, λ1 wound up meanwhile and the sparsity then overshot.
 - The ramp starts at the expected sparsity of the initial gates (``ramp_from="initial"``), not at 0:
   with a start below ŝ the first steps push λ1 the wrong way.
+- λ1 is reset to 0 when ŝ crosses the target (``anti_windup=True``, :meth:`FlopMethod._reset_lambda1`).
 - The Lagrangian's gradient is added to the gates after the trainer clipped the task gradients
   (:meth:`FlopMethod.after_backward`). As part of the loss, its gradient (which grows with λ) would
   enter the global norm, and clipping would shrink every weight's update while the constraint pushes.
@@ -193,7 +194,7 @@ class FlopMethod(TrainingMethod):
                  gate_lr: float | None = None, gate_lr_scale: float | None = None, lambda_lr: float = 0.05,
                  rank: int | str = "param", beta: float = BETA, left: float = LEFT, right: float = RIGHT,
                  drop_init: float = 0.01, fold: bool = False, seed: int = 0, ramp_from: str = "initial",
-                 lambda_optimizer: str = "adam") -> None:
+                 lambda_optimizer: str = "adam", anti_windup: bool = True) -> None:
         if not 0.0 <= float(sparsity) < 1.0:
             raise PrunekitError(f"--sparsity {sparsity} is outside [0, 1): give a fraction such as 0.7")
         if not (left < 0.0 and right > 1.0 and beta > 0.0 and 0.0 < drop_init < 1.0):
@@ -207,6 +208,7 @@ class FlopMethod(TrainingMethod):
             raise PrunekitError(f"FLOP lambda_optimizer '{lambda_optimizer}' is not valid: use adam or sgd")
         self.target = float(sparsity)
         self.ramp_from, self.lambda_optimizer_name = ramp_from, lambda_optimizer
+        self.anti_windup = bool(anti_windup)
         self.start = 0.0
         self.warmup_setting = warmup_steps
         self.gate_lr = float(gate_lr) if gate_lr is not None else (
@@ -255,7 +257,8 @@ class FlopMethod(TrainingMethod):
         return {"sparsity": self.target, "warmup_steps": self.warmup, "gate_lr": self.gate_lr,
                 "lambda_lr": self.lambda_lr, "rank": self.rank, "beta": self.beta, "left": self.left,
                 "right": self.right, "drop_init": self.drop_init, "fold": self.fold, "ramp_from": self.ramp_from,
-                "ramp_start": self.start, "lambda_optimizer": self.lambda_optimizer_name}
+                "ramp_start": self.start, "lambda_optimizer": self.lambda_optimizer_name,
+                "anti_windup": self.anti_windup}
 
     def target_at(self, step: int) -> float:
         """Target sparsity at ``step``: linear over the warm-up from the start value to the final target.
@@ -305,7 +308,7 @@ class FlopMethod(TrainingMethod):
         self.lambda_optimizer.step()  # gradient ascent on λ1, λ2
         self.lambda_optimizer.zero_grad(set_to_none=True)
         gap = self.last["expected_sparsity"] - self.last["target_sparsity"]
-        if float(self.lambdas.detach()[0]) * gap < 0:  # λ1 still pushes towards the side ŝ already crossed to
+        if self.anti_windup and float(self.lambdas.detach()[0]) * gap < 0:  # λ1 pushes past the target
             self._reset_lambda1()
 
     def _reset_lambda1(self) -> None:
