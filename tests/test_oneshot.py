@@ -365,3 +365,16 @@ def test_pruned_model_exports_and_reloads_with_the_same_zeros_and_logits(tiny_ll
     tokens = calibration(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens).logits, tiny_llama(tokens).logits)
+
+
+@pytest.mark.parametrize("size", [5, 8, 23])
+def test_upper_block_hessian_equals_full_product(size: int) -> None:
+    from prunekit.methods.sparsegpt import accumulate_upper, symmetric_from_upper
+
+    generator = torch.Generator().manual_seed(size)
+    batches = [torch.randn(7, size, generator=generator) for _ in range(3)]
+    hessian = torch.zeros(size, size)
+    for rows in batches:
+        accumulate_upper(hessian, rows, block=4)  # 5 -> one full product; 8 -> 2 blocks; 23 -> 6 blocks
+    stacked = torch.cat(batches)
+    assert torch.allclose(symmetric_from_upper(hessian), stacked.t() @ stacked, atol=1e-4)

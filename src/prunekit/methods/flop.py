@@ -13,11 +13,11 @@ epoch of 265 steps, see the README):
 - Gates start nearly open: ``drop_init=0.01`` (log α = 4.6, P(z = 1) = 0.95). With the code's 0.5
   (log α = 0) every forward multiplies each rank-1 component by a broad random gate and the
   deterministic eval gates are ≈ 0.5: the training loss stayed at chance level (0.69) for the first
-  100 steps, and such runs ended at 62-68 % accuracy.
+  100 steps, and earlier such runs ended at 61-68 % accuracy.
 - Gates move fast: ``gate_lr=0.2``. Adam moves log α by at most about its rate per step and a gate
   must travel ~9 units from open to closed; the code's 3× model rate (``gate_lr_scale=3``) or CoFi's
   0.01 reach the target only in runs of thousands of steps; slower gates (0.02 to 0.1) lagged the
-  ramp, λ1 wound up meanwhile and the sparsity then overshot.
+  ramp while λ1 wound up, then overshot the target (or never caught up in the run).
 - The ramp starts at the expected sparsity of the initial gates (``ramp_from="initial"``), not at 0:
   with a start below ŝ the first steps push λ1 the wrong way.
 - λ1 is reset to 0 when ŝ crosses the target (``anti_windup=True``, :meth:`FlopMethod._reset_lambda1`).
@@ -184,8 +184,8 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 class FlopMethod(TrainingMethod):
     """Factorise, learn gates toward a target sparsity, then make each layer small (see the module docstring).
 
-    ``warmup_steps``: steps over which the target ramps from 0 (int), or a fraction of the run (float
-    in (0, 1)); None = half the run.
+    ``warmup_steps``: steps over which the target ramps from its start (see :meth:`target_at`) to
+    ``sparsity`` (int), or a fraction of the run (float in (0, 1)); None = half the run.
     """
 
     name = "flop"

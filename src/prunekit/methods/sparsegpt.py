@@ -11,6 +11,7 @@ not yet processed, so the kept weights reconstruct the layer's output.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -48,7 +49,7 @@ class SparseGPTMethod(LayerwiseMethod):
         rows = flat_inputs(inputs)
         if self.hessian is None:
             self.hessian = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32, device=rows.device)
-        self.hessian.addmm_(rows.t(), rows)
+        accumulate_upper(self.hessian, rows)
         self.n_tokens += rows.shape[0]
         self._factor = None
 
@@ -63,7 +64,7 @@ class SparseGPTMethod(LayerwiseMethod):
 
     def _factorise(self) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.hessian is not None
-        hessian = self.hessian.double() * (2.0 / self.n_tokens)
+        hessian = symmetric_from_upper(self.hessian).double() * (2.0 / self.n_tokens)
         diag = torch.diagonal(hessian)
         dead = diag == 0
         diag[dead] = 1.0
@@ -161,6 +162,29 @@ def _segment_errors(weights: torch.Tensor, scale: torch.Tensor, factor: torch.Te
         errors = torch.linalg.solve_triangular(systems, rhs, upper=False, unitriangular=True).squeeze(2).t()
         weights.sub_(lower @ errors)
     return errors
+
+
+def accumulate_upper(hessian: torch.Tensor, rows: torch.Tensor, block: int = 256) -> None:
+    """hessian += rowsᵀ·rows on and above the diagonal blocks only (XᵀX is symmetric).
+
+    Column blocks of ~``block`` inputs: block i gets rows[:, i]ᵀ·rows[:, i:], about (k + 1)/2k of the
+    full product's work for k blocks (measured on 2 threads, 4,096 rows: 1536 inputs 56 -> 39 ms,
+    576 inputs 7.9 -> 5.5 ms). Below the diagonal blocks ``hessian`` holds zeros or stale values; read
+    it through :func:`symmetric_from_upper`.
+    """
+    size = rows.shape[1]
+    if size < 2 * block:
+        hessian.addmm_(rows.t(), rows)
+        return
+    count = math.ceil(size / block)
+    edges = [round(i * size / count) for i in range(count + 1)]
+    for start, end in zip(edges[:-1], edges[1:], strict=True):
+        hessian[start:end, start:].addmm_(rows[:, start:end].t(), rows[:, start:])
+
+
+def symmetric_from_upper(hessian: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is ``hessian``'s."""
+    return torch.triu(hessian) + torch.triu(hessian, diagonal=1).t()
 
 
 def _share(total: int, column: int, columns: int) -> int:
