@@ -117,18 +117,18 @@ def test_lambda1_resets_when_the_target_is_crossed() -> None:
     assert plain.lambdas[0].item() == pytest.approx(-2.0 + plain.lambda_lr, abs=1e-4)
 
 
-def test_ramp_starts_at_the_initial_expected_sparsity() -> None:
-    model = nn.Sequential(nn.Linear(8, 8))
+def test_ramp_starts_at_the_initial_expected_sparsity(make_tiny_model: Callable[..., nn.Module]) -> None:
     method = FlopMethod(sparsity=0.6, warmup_steps=10, drop_init=0.5)
-    method.layers = {"0": FactorizedLinear(model[0], rank="full", drop_init=0.5)}
-    method.dense_params = 64
-    with torch.no_grad():
-        method.layers["0"].log_alpha.fill_(0.0)
-    method.start, method.warmup = float(method.expected_sparsity().detach()), 10  # as setup does (ramp_from="initial")
-    assert method.start == pytest.approx(1 - 2 * 0.8318222, abs=1e-5)  # rank 8 x 16 params of 64 at p = 0.83
+    method.setup(make_tiny_model("bert"), total_steps=40, n_train=1)
+    # log α ~ N(0, 0.01²): every gate keeps with p = sigmoid(0 - (2/3)·log(0.1/1.1)) = 0.832, and the
+    # parameter-keeping rank makes (d_in + d_out)·r ≈ d_in·d_out, so ŝ starts near 1 - 0.832
+    assert method.start == pytest.approx(1 - 0.8318, abs=0.02)
     assert method.target_at(0) == pytest.approx(method.start)
     assert method.target_at(5) == pytest.approx((method.start + 0.6) / 2)
-    assert method.target_at(20) == 0.6
+    assert method.target_at(10) == method.target_at(20) == 0.6
+    zero = FlopMethod(sparsity=0.6, warmup_steps=10, drop_init=0.5, ramp_from="zero")
+    zero.setup(make_tiny_model("bert"), total_steps=40, n_train=1)
+    assert zero.target_at(0) == 0.0 and zero.target_at(5) == pytest.approx(0.3)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
