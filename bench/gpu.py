@@ -71,10 +71,9 @@ def cuda_time(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
 
 def two_four(weight: torch.Tensor) -> torch.Tensor:
     """Keep the 2 largest magnitudes of every 4 consecutive inputs (the 2:4 pattern the kernels need)."""
-    groups = weight.reshape(weight.shape[0], -1, 4)
-    keep = groups.abs().topk(2, dim=-1).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
-    return (groups * mask).reshape(weight.shape)
+    from prunekit.masks import nm_mask, parse_structure
+
+    return weight * nm_mask(weight.abs(), parse_structure("2:4"))
 
 
 def part_kernels(args: argparse.Namespace) -> dict[str, Any]:
