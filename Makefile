@@ -27,7 +27,7 @@ data: setup
 demo: setup
 	$(BIN)/prunekit data prepare austen
 	$(BIN)/prunekit prune smollm2-135m --method wanda --sparsity 0.5 --calib austen --calib-samples 32 \
-		--seq-len 512 --eval austen --eval-tokens 16384 --out $(DEMO_OUT) --overwrite
+		--seq-len 512 --eval austen --eval-tokens 8192 --out $(DEMO_OUT) --overwrite
 
 test: setup
 	$(BIN)/ruff check src tests bench

@@ -112,16 +112,17 @@ def semi_structured(model: nn.Module) -> int:
 def part_models(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prunekit.pruning import PruneConfig, prune
+    from prunekit.methods import method_config
+    from prunekit.pruning import prune
 
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).eval()
     models: dict[str, nn.Module] = {"dense": dense}
     two = copy.deepcopy(dense)
-    prune(two, PruneConfig(method="magnitude", structure="2:4"), progress=False)
+    prune(two, method_config("magnitude", structure="2:4"), progress=False)
     models["2:4 magnitude (semi-structured)"] = two
     small = copy.deepcopy(dense)
-    prune(small, PruneConfig(method="heads-neurons", ratio=0.5, importance="magnitude"), progress=False)
+    prune(small, method_config("heads-neurons", ratio=0.5, importance="magnitude"), progress=False)
     models["heads-neurons 50%"] = small
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     for model in models.values():

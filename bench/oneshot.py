@@ -36,7 +36,7 @@ REFERENCE_SECONDS = {"wanda": 131.0, "sparsegpt": 212.0}
 
 
 def configurations(quick: bool) -> list[dict[str, Any]]:
-    """The runs, as PruneConfig settings (method 'dense' = no pruning)."""
+    """The runs, as prune() settings (method 'dense' = no pruning)."""
     runs: list[dict[str, Any]] = [{"method": "dense"}]
     one_shot = ["magnitude"] if quick else ["magnitude", "random"]
     for method in one_shot:

@@ -131,11 +131,11 @@ def _fmt(value: float | None) -> str:
 
 
 def main() -> None:
-    from prunekit.cli.finetune import parse_count
     from prunekit.data import calibration_batch, eval_tokens, load_data
     from prunekit.evaluate import perplexity
     from prunekit.export import save_model
     from prunekit.finetune.recovery import sparsity_facts
+    from prunekit.jobs import parse_count
     from prunekit.models import load_model
     from prunekit.pruning import prune
     from prunekit.utils import set_seed

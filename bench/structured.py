@@ -138,7 +138,7 @@ def part_smollm(args: argparse.Namespace, results: dict[str, Any]) -> None:
     from prunekit.data import calibration_batch, eval_tokens, load_data
     from prunekit.evaluate import perplexity
     from prunekit.models import load_model
-    from prunekit.pruning import PruneConfig, prune
+    from prunekit.pruning import prune
 
     dense, tokenizer = load_model("smollm2-135m", progress=False)
     data = load_data("austen")
@@ -156,7 +156,7 @@ def part_smollm(args: argparse.Namespace, results: dict[str, Any]) -> None:
         log(f"pruning {name}")
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        facts = prune(model, PruneConfig(**settings), calibration, progress=False).extra
+        facts = prune(model, dict(settings), calibration, progress=False).extra
         row = {"settings": settings, "prune_seconds": time.perf_counter() - start,
                "parameters": sum(p.numel() for p in model.parameters()), "block_parameters": block_params(model),
                **{k: facts[k] for k in ("heads_removed_fraction", "neurons_removed_fraction", "gqa_rule",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +13,20 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import prunekit.adapters as adapters_module
-from prunekit.adapters import GenericAdapter, ModelAdapter, get_adapter, is_linear, register_adapter, weight_view
+from prunekit.adapters import (
+    GenericAdapter,
+    ModelAdapter,
+    get_adapter,
+    grad_view,
+    is_linear,
+    keep_inputs,
+    keep_outputs,
+    make_linear_like,
+    model_head,
+    register_adapter,
+    structured_adapter,
+    weight_view,
+)
 from prunekit.adapters.bert import BertAdapter, DistilBertAdapter
 from prunekit.adapters.gpt2 import GPT2Adapter
 from prunekit.adapters.llama import LlamaAdapter
@@ -226,3 +241,120 @@ def test_adapter_with_a_wrong_block_path_is_refused(tiny_llama):
 
     with pytest.raises(PrunekitError, match="not a list of blocks"):
         Broken(tiny_llama).blocks()
+
+
+# ---- which head a model carries ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("family", "task", "head"), [
+    ("llama", "causal-lm", "causal-lm"), ("qwen2", "causal-lm", "causal-lm"), ("gpt2", "causal-lm", "causal-lm"),
+    ("opt", "causal-lm", "causal-lm"), ("gpt_neox", "causal-lm", "causal-lm"),
+    ("bert", "classification", "classification"), ("distilbert", "classification", "classification"),
+    ("llama", "classification", "classification"), ("gpt2", "classification", "classification"),
+    ("llama", "base", "base"), ("bert", "base", "base"), ("gpt2", "base", "base"),
+])
+def test_model_head_comes_from_the_transformers_registry(make_tiny_model, family, task, head):
+    assert model_head(make_tiny_model(family, task=task)) == head
+
+
+def test_model_head_does_not_read_class_names(make_tiny_model):
+    class Renamed(type(make_tiny_model("llama"))):  # a subclass with a name that says nothing
+        pass
+
+    model = make_tiny_model("llama")
+    model.__class__ = Renamed
+    assert model_head(model) == "causal-lm"
+    assert model_head(nn.Linear(2, 2)) == "base"  # no config at all
+
+
+# ---- layer kinds ------------------------------------------------------------------------------------------
+def _pair() -> tuple[nn.Linear, Conv1D]:
+    """An nn.Linear and a Conv1D computing the same 6 -> 4 map."""
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 4)
+    conv = Conv1D(4, 6)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.t())
+        conv.bias.copy_(linear.bias)
+    return linear, conv
+
+
+def test_grad_view_is_out_by_in_for_both_kinds():
+    x = torch.randn(3, 6)
+    grads = []
+    for layer in _pair():
+        assert grad_view(layer) is None  # before backward
+        layer(x).square().sum().backward()
+        grad = grad_view(layer)
+        assert grad is not None and grad.shape == (4, 6)
+        grads.append(grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    with pytest.raises(TypeError, match="not a linear layer"):
+        grad_view(nn.LayerNorm(4))
+
+
+def test_keep_outputs_and_inputs_slice_both_kinds_alike():
+    x = torch.randn(3, 6)
+    outputs = torch.tensor([0, 3])
+    inputs = torch.tensor([1, 2, 5])
+    results = []
+    for layer in _pair():
+        keep_outputs(layer, outputs)
+        keep_inputs(layer, inputs)
+        assert weight_view(layer).shape == (2, 3)
+        with torch.no_grad():
+            results.append(layer(x[:, inputs]))
+    assert torch.allclose(results[0], results[1], atol=1e-6)
+    with pytest.raises(TypeError, match="not a linear layer"):
+        keep_outputs(nn.LayerNorm(4), outputs)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_make_linear_like_rebuilds_the_same_kind(with_bias):
+    x = torch.randn(3, 6)
+    for layer in _pair():
+        bias = layer.bias.detach() if with_bias else None
+        rebuilt = make_linear_like(weight_view(layer).clone(), bias, like=layer)
+        assert type(rebuilt) is type(layer) and torch.equal(weight_view(rebuilt), weight_view(layer))
+        assert make_linear_like(weight_view(layer), bias, like=type(layer)).__class__ is type(layer)
+        with torch.no_grad():
+            expected = layer(x) if with_bias else x @ weight_view(layer).t()
+            assert torch.allclose(rebuilt(x), expected, atol=1e-6)
+    with pytest.raises(TypeError, match="not a linear layer"):
+        make_linear_like(torch.zeros(2, 2), None, like=nn.LayerNorm)
+
+
+def test_layer_kinds_are_known_only_inside_the_adapters_package():
+    """Conv1D (and any other layer kind) is special-cased in prunekit/adapters and nowhere else."""
+    src = Path(adapters_module.__file__).parent.parent
+    outside = []
+    for path in src.rglob("*.py"):
+        if "adapters" in path.relative_to(src).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.ImportFrom) else []
+            if "Conv1D" in names or (isinstance(node, ast.Name) and node.id == "Conv1D") or (
+                    isinstance(node, ast.Attribute) and node.attr == "Conv1D"):
+                outside.append(str(path.relative_to(src)))
+    assert outside == []
+
+
+# ---- what a family's config can say, and refusals ---------------------------------------------------------
+def test_llama_family_config_switches(make_tiny_model):
+    llama, gpt2 = get_adapter(make_tiny_model("llama")), get_adapter(make_tiny_model("gpt2"))
+    assert llama.config_head_dim and not gpt2.config_head_dim
+    assert llama.bias_flag("attention") == "attention_bias" and llama.bias_flag("mlp") == "mlp_bias"
+    assert gpt2.bias_flag("attention") is None
+    qwen2 = get_adapter(make_tiny_model("qwen2"))  # a llama-family config without the switches
+    assert qwen2.bias_flag("attention") is None and qwen2.bias_flag("mlp") is None
+
+
+def test_structured_layouts_are_refused_by_the_adapter(make_tiny_model, tiny_llama):
+    structured_adapter(tiny_llama)  # names everything: accepted
+    with pytest.raises(PrunekitError, match="model type 'gpt_neox' has no adapter") as info:
+        structured_adapter(make_tiny_model("gpt_neox"))
+    assert "\n" not in str(info.value)
+
+    class NoMlp(LlamaAdapter):
+        mlp_out = ""
+
+    with pytest.raises(PrunekitError, match="needs an adapter that names the attention and MLP layers"):
+        NoMlp(tiny_llama).require_structured()

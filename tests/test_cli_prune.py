@@ -65,7 +65,8 @@ def test_prune_writes_a_model_at_the_exact_sparsity(capsys, tmp_path: Path, tiny
         if check == "2:4":
             assert ((weight != 0).reshape(weight.shape[0], -1, 4).sum(dim=2) == 2).all()
     record = json.loads((out / "prunekit.json").read_text())
-    assert record["method"]["method"] == args[1] and record["sparsity"]["total"] == pytest.approx(0.5)
+    assert record["method"] == args[1] and record["sparsity"]["total"] == pytest.approx(0.5)
+    assert record["kind"] == "one-shot" and "structure" in record["method_settings"]
     assert len(record["sparsity"]["layers"]) == 14 and "prune_s" in record["timing"]
     if args[1] != "magnitude":
         assert record["calibration"] == {"data": text_data, "split": "calibration", "samples": 4, "seq_len": 16,
@@ -134,6 +135,67 @@ def test_existing_output_is_refused_before_loading(capsys, tmp_path: Path, tiny_
 def test_methods_lists_every_method(capsys) -> None:
     code, stdout, err = run(capsys, "methods")
     assert code == 0, err
-    for name in ("magnitude", "random", "wanda", "sparsegpt"):
-        assert name in stdout
-    assert "block_size=128" in stdout
+    for name in ("magnitude", "random", "wanda", "sparsegpt", "heads-neurons", "blocks", "gmp", "movement", "mgpp",
+                 "flop", "none"):
+        assert f"{name}  (" in stdout, name
+    lines = stdout.splitlines()
+    assert any("block_size" in line and "128" in line for line in lines)  # setting, default
+    assert any("sigma0" in line and "1e-10" in line for line in lines)
+    assert any("gate_lr" in line and "--method-arg gate_lr=..." in line for line in lines)
+
+
+# ---- bad input, tried as a new user would: one line, exit 2, nothing written ------------------------------------
+def _nothing_written(folder: Path) -> None:
+    assert not any(p.name not in ("tiny-llama", "corpus.txt", "bad.yaml", "a-file") for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--method", "wanda", "--sparsity", "0.5", "--ratio", "0.3"], "method wanda does not take ratio; it takes"),
+    (["--method", "magnitude", "--sparsity", "0.5", "--block-size", "64"], "method magnitude does not take block_size"),
+    (["--method", "heads-neurons", "--ratio", "0.5", "--compare", "global"],
+     "heads-neurons does not take compare (use allocation)"),
+    (["--method", "wanda", "--sparsity", "0.5", "--method-arg", "colour=red"], "does not take colour"),
+    (["--method", "gmp", "--sparsity", "0.5"], "gmp is a training method: run it with prunekit train"),
+    (["--method", "wanda", "--structure", "3:4"], None),  # valid N:M, reaches the missing --out check
+])
+def test_settings_a_method_does_not_take_are_refused(capsys, tmp_path: Path, text_data: str, tiny_llama_dir: Path,
+                                                     extra: list[str], fragment: str | None) -> None:
+    code, _out, err = run(capsys, "prune", str(tiny_llama_dir), *extra, "--calib", text_data)
+    one_line_error(code, err, fragment or "no output folder given")
+    _nothing_written(tmp_path)
+
+
+def test_malformed_values_and_yaml_types_are_one_line(capsys, tmp_path: Path, tiny_llama_dir: Path) -> None:
+    code, _out, err = run(capsys, "prune", str(tiny_llama_dir), "--sparsity", "abc", "--out", str(tmp_path / "o"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "argument --sparsity: invalid float value: 'abc'" in err and "--help" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: wanda\nsparsity: half\n")
+    code, _out, err = run(capsys, "prune", str(tiny_llama_dir), "--config", str(bad), "--out", str(tmp_path / "o"))
+    one_line_error(code, err, "wanda: sparsity must be number, not 'half'")
+    bad.write_text("method: wanda\nsparsity: 0.5\nmicro_batch_size: 2.5\n")
+    code, _out, err = run(capsys, "prune", str(tiny_llama_dir), "--config", str(bad), "--out", str(tmp_path / "o"))
+    one_line_error(code, err, "micro_batch_size must be whole number, not 2.5")
+    _nothing_written(tmp_path)
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_any_work(capsys, tmp_path: Path,
+                                                                            tiny_llama_dir: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _out, err = run(capsys, "prune", "no-such-model-is-loaded", "--method", "magnitude", "--sparsity", "0.5",
+                          "--out", str(blocker / "sub" / "out"))
+    one_line_error(code, err, "is a file, not a folder")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_print_config_is_a_valid_config_file(capsys, tmp_path: Path) -> None:
+    code, stdout, err = run(capsys, "prune", "m", "--method", "sparsegpt", "--structure", "2:4", "--print-config")
+    assert code == 0, err
+    printed = yaml.safe_load(stdout)
+    assert printed["block_size"] == 128 and printed["structure"] == "2:4" and "ratio" not in printed
+    again = tmp_path / "again.yaml"
+    again.write_text(stdout)
+    code, stdout2, err = run(capsys, "prune", "--config", str(again), "--print-config")
+    assert code == 0, err
+    assert yaml.safe_load(stdout2) == printed

@@ -10,7 +10,8 @@ from torch import nn
 
 from prunekit.adapters import get_adapter
 from prunekit.calibration import BlockVisitor, Observer, capture_block_inputs, run_blockwise
-from prunekit.pruning import PruneConfig, prune
+from prunekit.methods import method_config
+from prunekit.pruning import prune
 
 VOCAB = 96
 
@@ -132,7 +133,7 @@ def test_layers_reading_the_same_input_share_one_observer() -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruned_model_is_still_trainable_and_on_its_device(family: str) -> None:
     model = tiny_model(family, layers=2)
-    prune(model, PruneConfig(method="sparsegpt", sparsity=0.5), calibration(), device="cpu", progress=False)
+    prune(model, method_config("sparsegpt", sparsity=0.5), calibration(), device="cpu", progress=False)
     assert not any(p.is_inference() for p in model.parameters())
     assert all(p.device.type == "cpu" for p in model.parameters())
     model.train()
@@ -204,3 +205,29 @@ def test_generic_blocks_with_keyword_hidden_states_tuple_outputs_and_per_sample_
     assert len(visitor.groups[0]) == 2
     for got, want in zip(visitor.recorded, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_single_thread_hands_the_outer_count_to_all_threads_and_restores_it() -> None:
+    import prunekit.calibration as calibration
+    from prunekit.calibration import all_threads, single_thread
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with single_thread("cpu") as threads:
+            assert threads == 2 and torch.get_num_threads() == 1
+            with all_threads(threads):
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+            with single_thread("cpu") as inner:  # nested: the count it saw, restored on exit
+                assert inner == 1
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with single_thread("meta") as threads:  # another device: nothing changes
+            assert threads == 2 and torch.get_num_threads() == 2
+        with all_threads(1):  # never fewer than now
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    state = [name for name, value in vars(calibration).items() if "THREAD" in name.upper() and not callable(value)]
+    assert state == []  # no module-level thread state

@@ -312,10 +312,52 @@ def test_format_table_formats_values() -> None:
             {"model": "wanda-50%", "perplexity": 57.1, "sparsity": 0.5, "params": 134_515_008,
              "nonzero": 77_000_000, "bytes": None, "latency_ms": 11.0}]
     text = format_table(rows, title="before / after")
-    for expected in ("before / after", "dense", "wanda-50%", "42.68", "57.10", "0.00%", "50.00%", "134.52M",
-                     "77.00M", "538.1 MB", "12.35 ms", "-"):
+    for expected in ("before / after", "dense", "wanda-50%", "42.68", "57.10", "0.00%", "50.00%", "134.5M",
+                     "77.0M", "size MB", "538.1", "forward ms", "12.35", "11.00", "-"):
         assert expected in text, expected
     assert "\x1b[" not in text
+    header = next(line for line in text.splitlines() if line.startswith("model"))
+    assert header.split()[:3] == ["model", "perplexity", "sparsity"]  # columns in order of first appearance
+
+
+def test_format_table_fits_100_columns_with_a_long_path() -> None:
+    path = "/home/someone/experiments/2025-06-01/out/smollm2-135m-sparsegpt-unstructured-50pct-seed0"
+    dense = {"perplexity": {"perplexity": 35.2345}, "size": {
+        "prunable_sparsity": 0.0, "total_params": 134_515_008, "nonzero_params": 134_515_008,
+        "bytes_in_memory": 538_060_032, "bytes_on_disk": None},
+        "latency": {"forward_ms_median": 146.21, "tokens_per_second": 875.4, "decode_ms_per_token": 32.91}}
+    pruned = {**dense, "perplexity": {"perplexity": 51.35}, "size": {
+        **dense["size"], "prunable_sparsity": 0.5, "nonzero_params": 77_000_000, "bytes_on_disk": 538_100_000}}
+    rows = [summary_row(f"{path} (dense)", dense), summary_row("sparsegpt 0.5", pruned)]
+    assert "disk_bytes" not in rows[0] and "tokens_per_second" not in rows[0]
+    rows[0]["decode_ms_per_token"] = None  # a column that is None in one row shows '-'
+    rows.append({"model": "extra", "unused": None})  # a column that is None in every row is left out
+    text = format_table(rows, title=f"{path}: dense vs pruned on austen")
+    lines = text.splitlines()
+    assert all(len(line) <= 100 for line in lines), "\n".join(f"{len(line)}: {line}" for line in lines)
+    assert "unused" not in text and "(dense)" in text and "sparsegpt 0.5" in text and "…" in text
+    body = [line for line in lines if "(dense)" in line or line.startswith("sparsegpt")]
+    assert len(body) == 2 and body[0].endswith("-") and "35.23" in body[0] and "51.35" in body[1]
+    header = "\n".join(lines[:lines.index(next(line for line in lines if line.startswith("─")))])
+    for word in ("perplexity", "sparsity", "params", "nonzero", "memory", "disk", "MB", "forward", "decode"):
+        assert word in header, word
+    assert header.index("memory") < header.index("disk")  # the disk size sits beside the memory size
+    assert "538.1" in body[1] and "146.2" in body[0] and "134.5M" in body[0] and "77.0M" in body[1]
+    train = format_table([{"model": "minilm-l6 (before)", "accuracy": 0.5284, "sparsity": 0.0, "steps": 0,
+                           "train_s": 0.0},
+                          {"model": path, "accuracy": 0.8068, "sparsity": 0.5, "steps": 200, "train_s": 1450.3}],
+                         title="minilm-l6 trained with gmp on reviews")
+    assert all(len(line) <= 100 for line in train.splitlines())
+    assert "52.84%" in train and "80.68%" in train and "train" in train and "1,450" in train
+    assert path[-40:] in train and "minilm-l6 (before)" in train  # a cut path keeps its end
+
+
+def test_format_table_leaves_out_what_cannot_fit() -> None:
+    row = {"model": "x" * 300, **{f"column_{index}": index * 1.5 for index in range(30)}}
+    text = format_table([row], width=80)
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "left out to fit 80 columns" in text and "column 29" in text
+    assert format_table([]) == "(nothing to show)\n" and format_table([{}], title="t") == "t\n(nothing to show)\n"
 
 
 @dataclass

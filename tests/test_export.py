@@ -13,10 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import prunekit
-import prunekit.export as export
 from prunekit.adapters import get_adapter, weight_view
 from prunekit.errors import PrunekitError
-from prunekit.export import RECORD_NAME, load, read_record, register_loader, save_model, to_jsonable, update_record
+from prunekit.export import RECORD_NAME, load, read_record, save_model, to_jsonable, update_record
 from prunekit.models import load_model
 
 IDS = torch.tensor([[2, 5, 9, 17, 33, 60, 4, 8]])
@@ -57,11 +56,14 @@ def test_classifier_reloads_with_plain_transformers(tmp_path, make_tiny_model, t
     out = save_model(model, tiny_tokenizer, tmp_path / family)
     reloaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert reloaded.config.num_labels == 3
-    assert torch.equal(outputs(reloaded), outputs(model))
+    # same weights bit for bit; transformers 5.2x's reloaded DistilBERT sums in another order (~1e-9 apart)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values(),
+                                                 strict=True))
+    assert torch.allclose(outputs(reloaded), outputs(model), atol=1e-6)
     # prunekit's own loader keeps the saved head (3 labels), whatever its num_labels default says
     again, _, _ = load(out)
     assert again.config.num_labels == 3
-    assert torch.equal(outputs(again), outputs(model))
+    assert torch.allclose(outputs(again), outputs(model), atol=1e-6)
 
 
 def test_prunekit_load_returns_model_tokenizer_and_record(tmp_path, tiny_llama, tiny_tokenizer):
@@ -233,23 +235,6 @@ def test_record_naming_an_unknown_loader(tmp_path, tiny_llama):
         load(out)
     with pytest.raises(PrunekitError, match="needs the prunekit loader 'no-such-loader'"):
         load_model(str(out))
-
-
-def test_a_registered_loader_is_used(tmp_path, tiny_llama, monkeypatch):
-    monkeypatch.setattr(export, "LOADERS", {})
-    calls = []
-
-    def rebuild(folder, config, record, task, num_labels):
-        calls.append((Path(folder), config.model_type, record["loader"], record["extra"], task, num_labels))
-        return AutoModelForCausalLM.from_pretrained(folder)
-
-    register_loader("test-rebuild", rebuild)
-    out = save_model(tiny_llama, None, tmp_path / "m", record={"loader": "test-rebuild", "extra": [1, 2]})
-    model, _, record = load(out, num_labels=5)
-    assert calls == [(out, "llama", "test-rebuild", [1, 2], "causal-lm", 5)]
-    assert record["loader"] == "test-rebuild"
-    assert not model.training
-    assert torch.equal(outputs(model), outputs(tiny_llama))
 
 
 def test_update_record_adds_fields(tmp_path, tiny_llama):

@@ -365,7 +365,7 @@ def test_cli_finetune_needs_the_record(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_parse_count() -> None:
-    from prunekit.cli.finetune import parse_count
+    from prunekit.jobs import parse_count
 
     assert parse_count("1M") == 1_000_000 and parse_count("250k") == 250_000 and parse_count(1e6) == 1_000_000
     assert parse_count(None) is None
@@ -373,8 +373,10 @@ def test_parse_count() -> None:
         parse_count("lots")
 
 
-def test_gmp_class_is_registered() -> None:
-    assert isinstance(build_training_method("gmp", {"sparsity": 0.5, "unrelated": 1}), GMP)
+def test_gmp_class_is_registered_and_refuses_settings_it_does_not_take() -> None:
+    assert isinstance(build_training_method("gmp", {"sparsity": 0.5}), GMP)
+    with pytest.raises(PrunekitError, match="method gmp does not take unrelated; it takes sparsity"):
+        build_training_method("gmp", {"sparsity": 0.5, "unrelated": 1})
 
 
 def test_sentence_pairs_are_tokenised_as_pairs() -> None:

@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from prunekit.errors import PrunekitError
 from prunekit.export import load, save_model
+from prunekit.methods import get_method
 from prunekit.methods.flop import (
     FactorizedLinear,
     FlopMethod,
@@ -24,7 +25,7 @@ from prunekit.methods.flop import (
     kept_count,
     sample_gates,
 )
-from prunekit.methods.gradual import TRAINING_METHODS, build_training_method
+from prunekit.methods.gradual import build_training_method
 
 
 def test_keep_probability_by_hand_and_by_monte_carlo() -> None:
@@ -183,9 +184,9 @@ def test_training_reaches_target_and_reloads(make_tiny_model: Callable[..., nn.M
     model = make_tiny_model("bert", num_labels=3, num_hidden_layers=1)
     tokens = torch.randint(4, 100, (8, 10), generator=torch.Generator().manual_seed(0))
     labels = torch.arange(8) % 3
-    settings = {"sparsity": 0.6, "lr": 1e-3, "warmup_steps": 0.5, "epochs": 1}  # default gate and λ rates
-    method = build_training_method("flop", settings)
-    assert isinstance(method, FlopMethod) and TRAINING_METHODS["flop"] is FlopMethod
+    settings = {"sparsity": 0.6, "warmup_steps": 0.5}  # default gate and λ rates
+    method = build_training_method("flop", settings, lr=1e-3)
+    assert isinstance(method, FlopMethod) and get_method("flop").implementation is FlopMethod
     _train(model, method, 100, tokens, labels)
     assert method.expected_sparsity().item() == pytest.approx(0.6, abs=0.08)
     with torch.no_grad():

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from prunekit.adapters import grad_view, weight_view
 from prunekit.errors import PrunekitError
 from prunekit.masks import (
+    KeptMasks,
     Structure,
     apply_mask,
     count_to_prune,
@@ -22,6 +24,7 @@ from prunekit.masks import (
     row_mask,
     select_mask,
     sparsity_of,
+    total_sparsity,
 )
 
 T, F = True, False
@@ -126,3 +129,61 @@ def test_reports_count_from_the_weights() -> None:
     assert sparsity_of(linear.weight) == pytest.approx(5 / 8)
     report = layer_report({"l": linear})["l"]
     assert report == {"shape": [2, 4], "params": 8, "nonzero": 3, "sparsity": pytest.approx(5 / 8)}
+
+
+def test_total_sparsity_sums_the_counts_of_every_layer() -> None:
+    report = {"a": {"params": 8, "nonzero": 2}, "b": {"params": 2, "nonzero": 2}}
+    assert total_sparsity(report) == pytest.approx(1 - 4 / 10)
+    assert total_sparsity({}) == 0.0
+
+
+def _layers() -> dict[str, nn.Module]:
+    """An nn.Linear and a Conv1D (stored (in, out)), both 2 outputs x 4 inputs, weights all ones."""
+    layers: dict[str, nn.Module] = {"linear": nn.Linear(4, 2), "conv": Conv1D(2, 4)}
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.weight.fill_(1.0)
+    return layers
+
+
+MASK = torch.tensor([[T, F, T, F], [F, T, F, T]])
+
+
+def test_kept_masks_zero_pruned_weights_and_gradients_in_out_by_in_orientation() -> None:
+    layers = _layers()
+    kept = KeptMasks(layers, {name: MASK for name in layers})
+    kept.apply()
+    for layer in layers.values():
+        assert torch.equal(weight_view(layer) != 0, MASK)
+    kept.zero_grads()  # before backward: nothing to do
+    for layer in layers.values():
+        layer(torch.randn(3, 4)).sum().backward()
+    kept.zero_grads()
+    for name, layer in layers.items():
+        grad = grad_view(layer)
+        assert grad is not None and not grad[~MASK].any() and grad[MASK].all(), name
+
+
+def test_kept_masks_read_from_weights_and_round_trip_through_a_state_dict() -> None:
+    layers = _layers()
+    for layer in layers.values():
+        apply_mask(layer, MASK)
+    kept = KeptMasks.from_weights(layers)
+    assert all(torch.equal(mask, MASK) for mask in kept.masks.values())
+    state = kept.state_dict()
+    assert all(mask.device.type == "cpu" for mask in state.values())
+    fresh = KeptMasks.all_kept(layers)
+    assert all(mask.all() for mask in fresh.masks.values())
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.masks[name], MASK) for name in layers)
+    with pytest.raises(PrunekitError, match="lacks"):
+        fresh.load_state_dict({"other": MASK})
+    with pytest.raises(PrunekitError, match="not one of the layers"):
+        KeptMasks(layers, {"other": MASK})
+
+
+def test_kept_masks_follow_the_layer_to_its_device() -> None:
+    layers = {"linear": nn.Linear(4, 2).to("meta")}
+    kept = KeptMasks(layers, {"linear": MASK})
+    assert kept.on("linear", torch.device("meta")).device.type == "meta"
+    assert kept.masks["linear"].device.type == "meta"  # moved once, kept there

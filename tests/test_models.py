@@ -363,3 +363,15 @@ def test_real_minilm_loads_for_classification():
     batch = tokenizer(["a fine film", "a dull film"], padding=True, return_tensors="pt")
     with torch.no_grad():
         assert model(**batch).logits.shape == (2, 2)
+
+
+def test_count_parameters_counts_each_memory_once_and_meta_tensors_by_object():
+    shared = torch.nn.Linear(4, 4, bias=False)
+    model = torch.nn.Module()
+    model.a = shared
+    model.b = torch.nn.Linear(4, 4, bias=False)
+    model.b.weight = torch.nn.Parameter(shared.weight.data)  # another Parameter, the same memory
+    assert count_parameters(model) == 16
+    with torch.device("meta"):
+        meta = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    assert count_parameters(meta) == 2 * (16 + 4)  # no memory to compare: each tensor counts

@@ -4,6 +4,7 @@ OWL allocation, the registry, validation errors, and the export round trip."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,14 +13,16 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.masks import Structure, is_nm_sparse
-from prunekit.methods import available_methods, get_method, register_whole_model_method
+from prunekit.masks import Structure, is_nm_sparse, parse_structure
+from prunekit.methods import available_methods, get_method, method_config, register
+from prunekit.methods.base import EngineConfig
 from prunekit.methods.magnitude import MagnitudeMethod
 from prunekit.methods.owl import outlier_ratio, owl_sparsities
 from prunekit.methods.random_method import RandomMethod
+from prunekit.methods.registry import registered, setting
 from prunekit.methods.sparsegpt import SparseGPTMethod
 from prunekit.methods.wanda import WandaMethod
-from prunekit.pruning import PruneConfig, prune, select_layers
+from prunekit.pruning import prune, select_layers
 
 T, F = True, False
 VOCAB = 96
@@ -39,7 +42,7 @@ def linear(weight: list[list[float]]) -> nn.Linear:
 
 def block_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: layer.weight.detach() if isinstance(layer, nn.Linear) else layer.weight.detach().t()
-            for block in select_layers(model, PruneConfig(method="magnitude", sparsity=0.5))
+            for block in select_layers(model, method_config("magnitude", sparsity=0.5))
             for name, layer in block.items()}
 
 
@@ -50,15 +53,15 @@ W = [[4.0, -1.0, 3.0, 2.0],
 # ---- magnitude ----------------------------------------------------------------------------------------------------
 
 def test_magnitude_golden_per_layer_and_per_row() -> None:
-    mask = MagnitudeMethod(PruneConfig(method="magnitude"), 4).prune(linear(W), 0.5, Structure())
+    mask = MagnitudeMethod(method_config("magnitude"), 4).prune(linear(W), 0.5, Structure())
     assert mask.tolist() == [[T, F, F, F], [F, T, T, T]]  # the 4 smallest |W| of the layer: .5 1 2 3
-    row = MagnitudeMethod(PruneConfig(method="magnitude", compare="row"), 4).prune(linear(W), 0.5, Structure())
+    row = MagnitudeMethod(method_config("magnitude", compare="row"), 4).prune(linear(W), 0.5, Structure())
     assert row.tolist() == [[T, F, T, F], [F, T, F, T]]
 
 
 def test_magnitude_golden_global(tiny_llama: nn.Module) -> None:
     a, b = linear(W), linear([[5.0, 0.1], [-2.5, 9.0]])
-    masks = MagnitudeMethod.whole_model_masks({"a": a, "b": b}, 0.5, PruneConfig(method="magnitude", compare="global"))
+    masks = MagnitudeMethod.whole_model_masks({"a": a, "b": b}, 0.5, method_config("magnitude", compare="global"))
     assert masks is not None
     assert masks["a"].tolist() == [[T, F, F, F], [F, T, T, T]]
     assert masks["b"].tolist() == [[T, F], [F, T]]
@@ -73,7 +76,7 @@ def test_magnitude_golden_global(tiny_llama: nn.Module) -> None:
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bert"])
 def test_magnitude_without_calibration_hits_the_exact_sparsity(make_tiny_model, family: str) -> None:
     model = make_tiny_model(family)
-    result = prune(model, PruneConfig(method="magnitude", sparsity=0.3), progress=False)
+    result = prune(model, method_config("magnitude", sparsity=0.3), progress=False)
     for name, weight in block_weights(model).items():
         assert int((weight == 0).sum()) == round(weight.numel() * 0.3), name
         assert result.layers[name]["sparsity"] == pytest.approx(float((weight == 0).float().mean()))
@@ -91,14 +94,14 @@ def test_random_is_seeded_and_exact(make_tiny_model) -> None:
     assert not all(torch.equal(masks[0][n], masks[2][n]) for n in masks[0])
     for mask in masks[0].values():
         assert int((~mask).sum()) == round(mask.numel() * 0.4)
-    row = RandomMethod(PruneConfig(method="random", compare="row"), 4, key="x").prune(linear(W), 0.5, Structure())
+    row = RandomMethod(method_config("random", compare="row"), 4, key="x").prune(linear(W), 0.5, Structure())
     assert (row.sum(dim=1) == 2).all()
 
 
 # ---- wanda --------------------------------------------------------------------------------------------------------
 
 def test_wanda_golden() -> None:
-    method = WandaMethod(PruneConfig(method="wanda"), 4)
+    method = WandaMethod(method_config("wanda"), 4)
     # ||X_j||_2 over the tokens: [1, 5, 0.5, 2.5] (two micro-batches)
     method.add_batch(torch.tensor([[[1.0, 0.0, 0.3, 0.0], [0.0, 5.0, 0.4, 0.0]]]))
     method.add_batch(torch.tensor([[0.0, 0.0, 0.0, 2.5]]))
@@ -110,7 +113,7 @@ def test_wanda_golden() -> None:
     mask = method.prune(layer, 0.5, Structure())
     assert mask.tolist() == [[F, T, F, T], [F, T, F, T]]  # magnitude per row keeps columns 0 and 2 of row 0
     assert method.prune(linear(W), 0.5, Structure(1, 2)).tolist() == [[F, T, F, T], [F, T, F, T]]
-    per_layer = WandaMethod(PruneConfig(method="wanda", compare="layer"), 4)
+    per_layer = WandaMethod(method_config("wanda", compare="layer"), 4)
     per_layer.sq_norm = method.sq_norm
     assert per_layer.prune(linear(W), 0.5, Structure()).tolist() == [[F, T, F, T], [F, T, F, T]]
     layer = linear(W)
@@ -147,7 +150,7 @@ def _error(x: torch.Tensor, dense: torch.Tensor, sparse: torch.Tensor) -> float:
 
 
 def _sparsegpt(x: torch.Tensor, dense: torch.Tensor, structure: str, block_size: int) -> tuple[torch.Tensor, ...]:
-    config = PruneConfig(method="sparsegpt", sparsity=0.5 if structure == "unstructured" else None,
+    config = method_config("sparsegpt", sparsity=0.5 if structure == "unstructured" else None,
                          structure=structure, dampening=1e-8, block_size=block_size)
     layer = linear(dense.tolist())
     method = SparseGPTMethod(config, dense.shape[1])
@@ -202,10 +205,10 @@ def test_sparsegpt_close_to_least_squares_and_better_than_wanda_and_magnitude(st
     err_sgpt, err_opt = _error(x, dense, pruned), _error(x, dense, _least_squares(x, dense, mask))
     assert err_opt <= err_sgpt * (1 + 1e-4)
     assert err_sgpt <= 1.1 * err_opt + 1e-6
-    spec = PruneConfig(structure=structure).structure_spec()
-    wanda = WandaMethod(PruneConfig(method="wanda"), 32)
+    spec = parse_structure(structure)
+    wanda = WandaMethod(method_config("wanda"), 32)
     wanda.add_batch(x)
-    for other in (wanda, MagnitudeMethod(PruneConfig(method="magnitude", compare="row"), 32)):
+    for other in (wanda, MagnitudeMethod(method_config("magnitude", compare="row"), 32)):
         other_mask = other.prune(linear(dense.tolist()), 0.5, spec)
         assert err_sgpt < _error(x, dense, dense * other_mask)
 
@@ -213,7 +216,7 @@ def test_sparsegpt_close_to_least_squares_and_better_than_wanda_and_magnitude(st
 def test_sparsegpt_dead_inputs_are_zeroed_and_cholesky_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     x = _correlated_inputs(256, 16, seed=1)
     x[:, 3] = 0.0  # a dead input: H_33 = 0
-    method = SparseGPTMethod(PruneConfig(method="sparsegpt", dampening=0.01), 16)
+    method = SparseGPTMethod(method_config("sparsegpt", dampening=0.01), 16)
     method.add_batch(x)
     real = torch.linalg.cholesky_ex
     calls = {"n": 0}
@@ -291,25 +294,31 @@ def test_lm_head_only_when_asked(tiny_llama: nn.Module) -> None:
     assert float((tiny_llama.lm_head.weight == 0).float().mean()) == pytest.approx(0.5)
 
 
-def test_registry_lists_methods_and_runs_whole_model_methods(tiny_llama: nn.Module) -> None:
-    from prunekit.methods import _REGISTRY
+@dataclasses.dataclass(frozen=True)
+class ToyBlocksConfig(EngineConfig):
+    ratio: float = setting(0.5, "fraction of blocks")
 
+
+def test_registry_lists_methods_and_runs_structured_methods(tiny_llama: nn.Module) -> None:
     names = [m.name for m in available_methods()]
     assert names[:4] == ["magnitude", "random", "wanda", "sparsegpt"]
+    assert {"heads-neurons", "blocks", "gmp", "movement", "mgpp", "flop", "none"} <= set(names)
     seen = {}
 
     def drop_first_block(model, config, calib, device, progress):  # type: ignore[no-untyped-def]
         seen.update(ratio=config.ratio, calib=calib is not None, device=str(device))
         return {"removed": 1}
 
-    register_whole_model_method("toy-blocks", drop_first_block, "toy", needs_calibration=False)
+    register("toy-blocks", kind="structured", config=ToyBlocksConfig, description="toy")(drop_first_block)
     try:
-        assert get_method("toy-blocks").kind == "whole-model"
+        assert get_method("toy-blocks").kind == "structured"
         result = prune(tiny_llama, {"method": "toy-blocks", "ratio": 0.25}, progress=False)
         assert seen == {"ratio": 0.25, "calib": False, "device": "cpu"}
         assert result.extra == {"removed": 1} and result.record()["method_result"] == {"removed": 1}
+        with pytest.raises(PrunekitError, match="already registered"):
+            register("toy-blocks", kind="structured", config=ToyBlocksConfig, description="x")(lambda *a: {})
     finally:
-        _REGISTRY.pop("toy-blocks")
+        registered().pop("toy-blocks")
 
 
 @pytest.mark.parametrize("settings,fragment", [
@@ -320,14 +329,14 @@ def test_registry_lists_methods_and_runs_whole_model_methods(tiny_llama: nn.Modu
     ({"method": "wanda", "sparsity": 0.3, "structure": "2:4"}, "contradicts"),
     ({"method": "wanda"}, "needs a sparsity"),
     ({"method": "obs", "sparsity": 0.5}, "magnitude, random, wanda, sparsegpt"),
-    ({"method": "magnitude", "sparsity": 0.5, "compare": "diagonal"}, "cannot compare"),
-    ({"method": "wanda", "sparsity": 0.5, "compare": "global"}, "cannot compare"),
+    ({"method": "magnitude", "sparsity": 0.5, "compare": "diagonal"}, "unknown compare 'diagonal'"),
+    ({"method": "wanda", "sparsity": 0.5, "compare": "global"}, "unknown compare 'global': use one of row, layer"),
     ({"method": "wanda", "structure": "2:4", "allocation": "owl"}, "unstructured"),
     ({"method": "wanda", "sparsity": 0.5, "allocation": "even"}, "unknown allocation"),
     ({"method": "wanda", "sparsity": 0.5, "include": ["nothing.*"]}, "no layer matches"),
     ({"method": "wanda", "sparsity": 0.5, "dampening": 0}, "dampening"),
-    ({"method": "wanda", "sparsity": 0.5, "colour": "red"}, "unknown pruning settings colour"),
-    ({"method": "sparsegpt", "sparsity": 0.5, "include_lm_head": True}, "magnitude and random only"),
+    ({"method": "wanda", "sparsity": 0.5, "colour": "red"}, "method wanda does not take colour"),
+    ({"method": "sparsegpt", "sparsity": 0.5, "include_lm_head": True}, "sparsegpt does not take include_lm_head"),
 ])
 def test_bad_settings_raise_one_line_errors(tiny_llama: nn.Module, settings: dict, fragment: str) -> None:
     with pytest.raises(PrunekitError) as info:
@@ -356,7 +365,8 @@ def test_pruned_model_exports_and_reloads_with_the_same_zeros_and_logits(tiny_ll
     result = prune(tiny_llama, {"method": "sparsegpt", "structure": "2:4"}, calibration(), progress=False)
     record = result.record()
     json.dumps(record)
-    assert record["method"]["method"] == "sparsegpt" and record["sparsity"]["total"] == pytest.approx(0.5)
+    assert record["method"] == "sparsegpt" and record["method_settings"]["structure"] == "2:4"
+    assert record["sparsity"]["total"] == pytest.approx(0.5)
     out = save_model(tiny_llama, tiny_tokenizer, tmp_path / "pruned", record)
     loaded, _tokenizer, saved = load(out)
     assert saved["sparsity"]["layers"] == pytest.approx(record["sparsity"]["layers"])

@@ -17,9 +17,9 @@ from prunekit.adapters import get_adapter, weight_view
 from prunekit.adapters.base import get_submodule
 from prunekit.errors import PrunekitError
 from prunekit.export import load, save_model
-from prunekit.methods import structured
+from prunekit.methods import method_config, structured
 from prunekit.methods.structured import block_scores, collect_stats, plan_heads, plan_neurons
-from prunekit.pruning import PruneConfig, prune
+from prunekit.pruning import prune
 
 GQA = {"hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 2, "num_hidden_layers": 3}
 
@@ -83,7 +83,7 @@ def test_magnitude_golden(make_tiny_model: Callable[..., nn.Module]) -> None:
     q, kv, neurons = block_scores(adapter, block, "magnitude", None, None)
     assert torch.allclose(q, torch.tensor([1.0, 2, 3, 4], dtype=torch.float64) * 8 * 32)
     assert torch.equal(kv, torch.zeros(4, dtype=torch.float64))
-    result = prune(model, PruneConfig(method="heads-neurons", ratio=0.5, importance="magnitude"), calib(),
+    result = prune(model, method_config("heads-neurons", ratio=0.5, importance="magnitude"), calib(),
                    progress=False)
     assert result.extra["heads_removed"] == {"0": [0, 1]}
     kept_rows = weight_view(get_submodule(block, adapter.mlp_in[0]))[:, 0]
@@ -156,7 +156,7 @@ def test_flap_bias_compensation_equals_mean_replacement(make_tiny_model: Callabl
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt", "bert"])
 def test_prune_api_every_family(make_tiny_model: Callable[..., nn.Module], family: str) -> None:
     model = make_tiny_model(family, **(GQA if family == "llama" else {}))
-    config = PruneConfig(method="heads-neurons", ratio=0.5, importance="wanda")
+    config = method_config("heads-neurons", ratio=0.5, importance="wanda")
     result = prune(model, config, calib(), progress=False)
     facts = result.extra
     assert facts["parameters_after"] == surgery.count_parameters(model) < facts["parameters_before"]
@@ -175,7 +175,7 @@ def test_global_allocation_reloads_with_prunekit(make_tiny_model: Callable[..., 
         for layer in (mlp.gate_proj, mlp.up_proj):
             layer.weight[:56].mul_(0.02)
         mlp.down_proj.weight[:, :56].mul_(0.02)
-    config = PruneConfig(method="heads-neurons", ratio=0.4, importance=importance, compare="global")
+    config = method_config("heads-neurons", ratio=0.4, importance=importance, allocation="global")
     facts = prune(model, config, calib(), progress=False).extra
     layers = facts["structure"]["layers"]
     assert facts["allocation"] == "global"
@@ -192,7 +192,7 @@ def test_global_allocation_reloads_with_prunekit(make_tiny_model: Callable[..., 
 
 def test_uniform_flap_llama_reloads_plainly(make_tiny_model: Callable[..., nn.Module], tmp_path: Path) -> None:
     model = make_tiny_model("llama", **GQA)
-    facts = prune(model, PruneConfig(method="heads-neurons", ratio=0.25, importance="flap"), calib(),
+    facts = prune(model, method_config("heads-neurons", ratio=0.25, importance="flap"), calib(),
                   progress=False).extra
     assert facts["plain_reload"] and facts["bias_compensation"] == "on"
     assert model.config.num_attention_heads == 4 and model.config.intermediate_size == 48
@@ -208,7 +208,7 @@ def test_blocks_removes_the_least_influential(make_tiny_model: Callable[..., nn.
         model.model.layers[2].self_attn.o_proj.weight.zero_()
         model.model.layers[2].mlp.down_proj.weight.zero_()
     reference = copy.deepcopy(model)
-    facts = prune(model, PruneConfig(method="blocks", remove=1), calib(), progress=False).extra
+    facts = prune(model, method_config("blocks", remove=1), calib(), progress=False).extra
     assert facts["blocks_removed"] == [2] and abs(facts["block_influence"][2]) < 1e-6
     assert min(facts["block_influence"][i] for i in (0, 1, 3)) > 1e-4
     assert model.config.num_hidden_layers == 3 and facts["plain_reload"]
@@ -219,15 +219,15 @@ def test_blocks_removes_the_least_influential(make_tiny_model: Callable[..., nn.
 def test_magnitude_importance_needs_no_calibration(make_tiny_model: Callable[..., nn.Module]) -> None:
     model = make_tiny_model("llama", **GQA)
     reference = copy.deepcopy(model)
-    without = prune(model, PruneConfig(method="heads-neurons", ratio=0.5, importance="magnitude"), None,
+    without = prune(model, method_config("heads-neurons", ratio=0.5, importance="magnitude"), None,
                     progress=False)
-    with_calib = prune(reference, PruneConfig(method="heads-neurons", ratio=0.5, importance="magnitude"), calib(),
+    with_calib = prune(reference, method_config("heads-neurons", ratio=0.5, importance="magnitude"), calib(),
                        progress=False)
     assert without.extra["heads_removed"] == with_calib.extra["heads_removed"]  # calibration plays no part
     assert surgery.count_parameters(model) == surgery.count_parameters(reference)
     for settings in ({"ratio": 0.5}, {"ratio": 0.5, "importance": "magnitude", "bias_compensation": True}):
         with pytest.raises(PrunekitError, match="needs calibration data"):
-            prune(make_tiny_model("llama", **GQA), PruneConfig(method="heads-neurons", **settings), None,
+            prune(make_tiny_model("llama", **GQA), method_config("heads-neurons", **settings), None,
                   progress=False)
 
 
@@ -244,7 +244,7 @@ def test_bad_input_is_one_line_error(make_tiny_model: Callable[..., nn.Module]) 
     ]
     for settings, message in cases:
         with pytest.raises(PrunekitError, match=message) as info:
-            prune(model, PruneConfig(**settings), calib(), progress=False)
+            prune(model, dict(settings), calib(), progress=False)
         assert "\n" not in str(info.value)
     assert surgery.count_parameters(model) == before
 
@@ -278,7 +278,7 @@ def test_cli_prune_heads_neurons_and_blocks(make_tiny_model: Callable[..., nn.Mo
     assert json.loads((out / "config.json").read_text())["num_attention_heads"] == 2
     AutoModelForCausalLM.from_pretrained(out)
     out_global = tmp_path / "global"
-    assert main(["prune", str(folder), "--method", "heads-neurons", "--ratio", "0.3", "--compare", "global",
+    assert main(["prune", str(folder), "--method", "heads-neurons", "--ratio", "0.3", "--allocation", "global",
                  "--importance", "wanda", *common, "--out", str(out_global)]) == 0
     assert load(out_global)[0] is not None
     out_groups = tmp_path / "groups"
@@ -292,7 +292,7 @@ def test_cli_prune_heads_neurons_and_blocks(make_tiny_model: Callable[..., nn.Mo
     capsys.readouterr()
     assert main(["prune", str(folder), "--method", "heads-neurons", "--ratio", "0.5", "--gqa", "kv", *common,
                  "--out", str(tmp_path / "bad-gqa")]) == 2
-    assert "unknown GQA rule 'kv'" in capsys.readouterr().err
+    assert "heads-neurons: unknown gqa 'kv': use one of query, groups" in capsys.readouterr().err
     out_blocks = tmp_path / "blocks"
     assert main(["prune", str(folder), "--method", "blocks", "--remove", "1", *common, "--out", str(out_blocks)]) == 0
     assert json.loads((out_blocks / "config.json").read_text())["num_hidden_layers"] == 2

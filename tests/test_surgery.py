@@ -234,3 +234,23 @@ def test_biases_enabled_for_llama_keep_outputs(make_tiny_model: Callable[..., nn
     assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(out), tokens), before, atol=1e-6)
     qwen = tiny(make_tiny_model, "qwen2")
     assert not surgery.enable_biases(qwen, "mlp")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "granite"])
+def test_biases_follow_the_switches_the_config_has(model_type: str, tmp_path: Path) -> None:
+    from transformers import CONFIG_MAPPING
+
+    torch.manual_seed(0)
+    config = CONFIG_MAPPING[model_type](vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert surgery.enable_biases(model, "attention")
+    assert surgery.enable_biases(model, "mlp") == hasattr(config, "mlp_bias")  # qwen3 has no switch for the MLP
+    for layer in get_adapter(model).prunable_layers().values():
+        if layer.bias is not None:
+            with torch.no_grad():
+                layer.bias.normal_()
+    tokens = ids()
+    before = logits(model, tokens)
+    model.save_pretrained(tmp_path)
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tmp_path), tokens), before, atol=1e-5)

@@ -168,41 +168,40 @@ def _forward_flags(model: nn.Module) -> dict[str, Any]:
 
 
 @contextmanager
-def single_thread(device: torch.device | str = "cpu") -> Iterator[None]:
-    """Run many small CPU ops (mask selection, SparseGPT's column sweep, factorisations) on one thread.
+def single_thread(device: torch.device | str = "cpu") -> Iterator[int]:
+    """Run many small CPU ops (mask selection, SparseGPT's column sweep) on one thread; yield the count before.
 
     A thread barrier per small op costs more than the op: on 2 cores shared with other work, 2 threads
-    made these steps 10-50x slower than 1. Forward passes (large matmuls) keep all threads.
+    made these steps 10-50x slower than 1. Forward passes (large matmuls) keep all threads, and so can
+    one large op inside: ``with single_thread(device) as threads: ... with all_threads(threads): big_op()``.
+    On another device nothing changes. The process's thread count is restored on exit.
     """
-    global _OUTER_THREADS
+    threads = torch.get_num_threads()
     if torch.device(device).type != "cpu":
-        yield
+        yield threads
         return
-    threads, outer = torch.get_num_threads(), _OUTER_THREADS
-    _OUTER_THREADS = max(threads, outer or 0)
     torch.set_num_threads(1)
     try:
-        yield
+        yield threads
     finally:
         torch.set_num_threads(threads)
-        _OUTER_THREADS = outer
-
-
-_OUTER_THREADS: int | None = None  # the thread count outside the innermost single_thread, while inside one
 
 
 @contextmanager
-def all_threads() -> Iterator[None]:
-    """Inside :func:`single_thread`, give one large operation (a factorisation, a big matmul) every thread back."""
-    if _OUTER_THREADS is None or _OUTER_THREADS <= 1:
+def all_threads(threads: int) -> Iterator[None]:
+    """Run one large operation (a factorisation, a big matmul) on ``threads`` threads, then restore the count.
+
+    ``threads`` is what the caller had: the count :func:`single_thread` yielded, or one recorded before.
+    """
+    current = torch.get_num_threads()
+    if threads <= current:
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_OUTER_THREADS)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(current)
 
 
 @contextmanager

@@ -5,14 +5,14 @@ A saved folder is a normal `save_pretrained` folder (safetensors only, never pic
 version and evaluation results. Plain ``AutoModelFor*.from_pretrained`` reloads it whenever
 the model's shapes are those its config describes; models whose layers were changed in ways
 a config cannot say (different sizes per layer, factorised layers) name a prunekit loader in
-their record, and :func:`load` rebuilds them before reading the weights.
+their record (known from the model itself, :func:`prunekit.record.loader_for`), and :func:`load`
+rebuilds them before reading the weights.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +21,11 @@ from torch import nn
 
 from prunekit import __version__
 from prunekit.errors import PrunekitError
-from prunekit.utils import atomic_dir, import_optional, resolve_device, resolve_dtype
+from prunekit.record import LOADER, RunRecord, as_record, loader_for, versions
+from prunekit.utils import atomic_dir, resolve_device, resolve_dtype
 
 RECORD_NAME = "prunekit.json"
-
-# loader name -> fn(folder, config, record, task, num_labels) -> model with the right shapes and weights loaded
-Loader = Callable[[Path, Any, dict[str, Any], str, int], nn.Module]
-LOADERS: dict[str, Loader] = {}
-
-
-def register_loader(name: str, loader: Loader) -> None:
-    """Let a method that changes shapes beyond what a config says (non-uniform, factorised) rebuild its models."""
-    LOADERS[name] = loader
+KNOWN_LOADERS = (LOADER, "flop")  # "flop": the name records of prunekit 0.1 used for factorised models
 
 
 def to_jsonable(value: Any) -> Any:
@@ -54,19 +47,23 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
-def save_model(model: nn.Module, tokenizer: Any, out: str | Path, record: dict[str, Any] | None = None,
-               overwrite: bool = False) -> Path:
+def save_model(model: nn.Module, tokenizer: Any, out: str | Path,
+               record: RunRecord | dict[str, Any] | Any | None = None, overwrite: bool = False) -> Path:
     """Write model (safetensors), tokenizer and ``prunekit.json`` into ``out``, atomically.
 
-    Everything is written to a temporary folder beside ``out`` and renamed at the end, so a failure
-    leaves nothing behind and an existing folder is replaced only with ``overwrite`` and only when
-    the new one is complete.
+    ``record``: a :class:`~prunekit.record.RunRecord`, a PruneResult, or a dict (``{"pruning": result}``
+    is expanded). The loader a reload needs is read from the model, so any pruned model reloads with
+    :func:`load`. Everything is written to a temporary folder beside ``out`` and renamed at the end,
+    so a failure leaves nothing behind and an existing folder is replaced only with ``overwrite`` and
+    only when the new one is complete.
     """
+    given = as_record(record)
     full_record = {
         "prunekit_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "loader": None,
-        **(record or {}),
+        "versions": versions(),
+        **given,
+        "loader": loader_for(model) or given.get("loader"),
     }
     save_pretrained = getattr(model, "save_pretrained", None)
     if not callable(save_pretrained):
@@ -119,13 +116,14 @@ def load(path: str | Path, task: str | None = None, num_labels: int = 2, device:
     record = read_record(folder)
     config = AutoConfig.from_pretrained(folder)
     task = task or record.get("task") or infer_task(config)
-    loader_name = record.get("loader")
+    loader_name = record.get("loader") or loader_for_config(config)
     if loader_name:
-        _import_loaders()
-        if loader_name not in LOADERS:
+        if loader_name not in KNOWN_LOADERS:
             raise PrunekitError(f"'{path}' needs the prunekit loader '{loader_name}', which this prunekit lacks: "
                                 "upgrade prunekit")
-        model = LOADERS[loader_name](folder, config, record, task, num_labels)
+        from prunekit.structured_load import load_structured
+
+        model = load_structured(folder, config, record, task, num_labels)
     else:
         kwargs: dict[str, Any] = {}
         if task == "classification":
@@ -139,6 +137,8 @@ def load(path: str | Path, task: str | None = None, num_labels: int = 2, device:
     return model, tokenizer, record
 
 
-def _import_loaders() -> None:
-    """Import the modules that register loaders, so `load` finds them without the caller importing them."""
-    import_optional(("prunekit.surgery", "prunekit.structured_load", "prunekit.methods.flop"))
+def loader_for_config(config: Any) -> str | None:
+    """The loader a folder needs according to its config alone (for folders whose record names none)."""
+    holder = nn.Module()
+    holder.config = config  # type: ignore[assignment]
+    return loader_for(holder)

@@ -1,8 +1,9 @@
-"""Masks: which weights to keep, chosen from scores per row, per layer, globally or N:M; apply and report.
+"""Masks: which weights to keep, chosen from scores per row, per layer, globally or N:M; apply, keep and report.
 
 Convention: a mask is a bool tensor shaped like ``weight_view(layer)`` (out_features, in_features),
 ``True`` where the weight is KEPT. Every selector prunes an exact number of weights: ties in the
-scores are broken by position, never by pruning more than asked.
+scores are broken by position, never by pruning more than asked. :class:`KeptMasks` is the one
+mechanism that keeps masks during training (pruned weights and their gradients stay zero).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunekit.adapters import weight_view
+from prunekit.adapters import grad_view, weight_view
 from prunekit.errors import PrunekitError
 
 
@@ -175,3 +176,77 @@ def layer_report(layers: Mapping[str, nn.Module]) -> dict[str, dict[str, object]
         report[name] = {"shape": list(weight.shape), "params": weight.numel(), "nonzero": nonzero,
                         "sparsity": 1.0 - nonzero / max(1, weight.numel())}
     return report
+
+
+def _count(value: object) -> int:
+    if not isinstance(value, int):
+        raise TypeError(f"a layer report count must be an int, got {type(value).__name__}")
+    return value
+
+
+def total_sparsity(report: Mapping[str, Mapping[str, object]]) -> float:
+    """Sparsity of all the layers of a :func:`layer_report` together: 1 - Σ nonzero / Σ params (0 when empty)."""
+    params = sum(_count(entry["params"]) for entry in report.values())
+    nonzero = sum(_count(entry["nonzero"]) for entry in report.values())
+    return 1.0 - nonzero / params if params else 0.0
+
+
+class KeptMasks:
+    """Fixed keep-masks of named linear layers, enforced during training.
+
+    :meth:`apply` zeroes the pruned weights (after an optimiser step: momentum would revive them),
+    :meth:`zero_grads` the gradients of pruned weights (after backward). A mask follows its layer to
+    the layer's device the first time it is used there. ``masks`` may be replaced one by one.
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> None:
+        missing = sorted(set(masks) - set(layers))
+        if missing:
+            raise PrunekitError(f"a mask is given for '{missing[0]}', which is not one of the layers kept masked")
+        self.layers: dict[str, nn.Module] = dict(layers)
+        self.masks: dict[str, torch.Tensor] = dict(masks)
+
+    @classmethod
+    def from_weights(cls, layers: Mapping[str, nn.Module]) -> KeptMasks:
+        """Masks read from the weights as they are now: a zero weight is a pruned one."""
+        return cls(layers, {name: weight_mask(layer) for name, layer in layers.items()})
+
+    @classmethod
+    def all_kept(cls, layers: Mapping[str, nn.Module]) -> KeptMasks:
+        """Masks that keep every weight (before any pruning)."""
+        return cls(layers, {name: torch.ones_like(weight_view(layer), dtype=torch.bool)
+                            for name, layer in layers.items()})
+
+    def on(self, name: str, device: torch.device) -> torch.Tensor:
+        """The layer's mask on ``device`` (moved there once, when the trainer moved the model)."""
+        mask = self.masks[name]
+        if mask.device != device:
+            mask = self.masks[name] = mask.to(device)
+        return mask
+
+    def apply(self) -> None:
+        """Zero every pruned weight in place."""
+        with torch.no_grad():
+            for name in self.masks:
+                weight = weight_view(self.layers[name])
+                weight.mul_(self.on(name, weight.device).to(dtype=weight.dtype))
+
+    def zero_grads(self) -> None:
+        """Zero the gradient of every pruned weight in place (layers without a gradient are skipped)."""
+        with torch.no_grad():
+            for name in self.masks:
+                grad = grad_view(self.layers[name])
+                if grad is not None:
+                    grad.mul_(self.on(name, grad.device).to(dtype=grad.dtype))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The masks on the CPU, by layer name (for a checkpoint)."""
+        return {name: mask.cpu() for name, mask in self.masks.items()}
+
+    def load_state_dict(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Masks from :meth:`state_dict`, each put where the mask it replaces was."""
+        for name, mask in masks.items():
+            if name not in self.masks:
+                raise PrunekitError(f"the checkpoint has a mask for '{name}', which this model lacks: "
+                                    "resume with the same model and settings")
+            self.masks[name] = mask.to(self.masks[name].device)

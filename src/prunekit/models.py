@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,15 +219,32 @@ def _hub_said_not_found(exc: BaseException) -> bool:
     return False
 
 
+def tensor_key(tensor: torch.Tensor) -> tuple[object, ...]:
+    """Identity of a tensor's memory: device, address, size and dtype (the object's id when it has no storage)."""
+    ptr = tensor.data_ptr()
+    if ptr == 0:  # no storage (e.g. on 'meta', or empty): only the same object is the same tensor
+        return ("id", id(tensor))
+    return (tensor.device.type, tensor.device.index, ptr, tensor.numel(), tensor.dtype)
+
+
+def unique_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors with duplicates (same memory) removed, in first-seen order."""
+    seen: set[tuple[object, ...]] = set()
+    out: list[torch.Tensor] = []
+    for tensor in tensors:
+        key = tensor_key(tensor)
+        if key not in seen:
+            seen.add(key)
+            out.append(tensor)
+    return out
+
+
 def count_parameters(model: nn.Module) -> int:
-    """Parameters counted from the modules, each shared tensor once."""
-    seen: set[int] = set()
-    total = 0
-    for param in model.parameters():
-        if param.data_ptr() not in seen:
-            seen.add(param.data_ptr())
-            total += param.numel()
-    return total
+    """Parameters counted from the modules, each shared tensor once (tied embeddings and LM head count once).
+
+    The one parameter count of prunekit: records, size reports and surgery facts all use it.
+    """
+    return sum(param.numel() for param in unique_tensors(model.parameters()))
 
 
 def safetensors_parameters(folder: Path) -> int | None:

@@ -1,17 +1,18 @@
-"""Public API of one-shot pruning: ``prune(model, PruneConfig(...), calibration)``.
+"""Public API of one-shot pruning: ``prune(model, config, calibration)``.
 
-    from prunekit.pruning import PruneConfig, prune
-    result = prune(model, PruneConfig(method="wanda", sparsity=0.5), calibration)  # model pruned in place
+    from prunekit.pruning import prune
+    result = prune(model, {"method": "wanda", "sparsity": 0.5}, calibration)   # model pruned in place
+    result = prune(model, method_config("sparsegpt", structure="2:4"), calibration)
 
-Layer-wise methods (magnitude, random, wanda, sparsegpt) prune the linear layers inside the transformer
-blocks (embeddings and LM head never, unless ``include_lm_head``), filtered by ``include``/``exclude``
-fnmatch patterns on full module names. Whole-model methods registered by other modules get the config
-as is (``ratio``, ``remove``, ``importance`` are theirs).
+``config`` is a method's config (see :mod:`prunekit.methods`) or a dict with a ``method`` key.
+Layer-wise methods (magnitude, random, wanda, sparsegpt) prune the linear layers inside the
+transformer blocks (embeddings and LM head never, unless ``include_lm_head``), filtered by
+``include``/``exclude`` fnmatch patterns on full module names. Structured methods get their config
+as is and change the model's shapes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import time
 from collections.abc import Mapping
@@ -24,121 +25,26 @@ from torch import nn
 from prunekit.adapters import get_adapter, is_linear, weight_view
 from prunekit.calibration import BlockVisitor, EngineReport, Observer, run_blockwise, single_thread
 from prunekit.errors import PrunekitError
-from prunekit.masks import Structure, apply_mask, check_nm, layer_report, parse_structure
-from prunekit.methods import MethodInfo, get_method
-from prunekit.methods.base import LayerwiseMethod
+from prunekit.masks import Structure, apply_mask, check_nm, layer_report
+from prunekit.methods import config_for
+from prunekit.methods.base import LayerwiseMethod, SparsityConfig
+from prunekit.methods.registry import MethodConfig, MethodSpec
 
-ALLOCATIONS = ("uniform", "owl")
-
-
-@dataclass
-class PruneConfig:
-    """Settings of one pruning run; ``asdict(config)`` goes into the pruning record."""
-
-    method: str = "wanda"
-    sparsity: float | None = None  # fraction of weights removed; implied by an N:M structure
-    structure: str = "unstructured"  # "unstructured" or "N:M" (e.g. "2:4")
-    allocation: str = "uniform"  # per-block sparsity: uniform or owl
-    compare: str | None = None  # magnitude: layer (default) | row | global; wanda: row (default) | layer
-    include: list[str] | None = None  # fnmatch patterns on full module names; None = every block linear
-    exclude: list[str] | None = None
-    include_lm_head: bool = False  # magnitude/random only
-    block_size: int = 128  # sparsegpt column block
-    dampening: float = 0.01  # sparsegpt: fraction of mean(diag H) added to the diagonal
-    owl_m: float = 5.0  # owl: a score is an outlier above owl_m x the block's mean score
-    owl_lambda: float = 0.08  # owl: block sparsities spread over 2 x owl_lambda
-    seed: int = 0
-    micro_batch_size: int = 8  # calibration samples per forward in the engine
-    ratio: float | None = None  # structured methods: fraction of heads/neurons/blocks to remove
-    remove: int | None = None  # structured methods: number of blocks/heads to remove
-    importance: str | None = None  # structured methods: importance score name
-    heads_ratio: float | None = None  # heads-neurons: fraction of heads to remove (default: ratio)
-    neurons_ratio: float | None = None  # heads-neurons: fraction of FFN neurons to remove (default: ratio)
-    gqa: str | None = None  # heads-neurons with grouped-query attention: query (default) or groups
-    bias_compensation: bool | None = None  # heads-neurons: output-bias compensation (default: on for flap)
-
-    def __post_init__(self) -> None:
-        self.include = _patterns(self.include, "include")
-        self.exclude = _patterns(self.exclude, "exclude")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PruneConfig:
-        """Build from a dict (YAML, CLI settings); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise PrunekitError(f"unknown pruning settings {', '.join(unknown)}: known are {', '.join(sorted(known))}")
-        return cls(**values)
-
-    def structure_spec(self) -> Structure:
-        """The parsed ``structure`` (unstructured or N:M)."""
-        return parse_structure(self.structure)
-
-    def target_sparsity(self) -> float:
-        """The sparsity asked for: given, or implied by N:M (both given must agree)."""
-        structure = self.structure_spec()
-        if structure.is_nm:
-            implied = structure.sparsity or 0.0
-            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
-                raise PrunekitError(f"sparsity {self.sparsity:g} contradicts structure {structure} (which prunes "
-                                    f"{implied:g}): drop --sparsity or use unstructured")
-            return implied
-        if self.sparsity is None:
-            raise PrunekitError(f"method {self.method} needs a sparsity: pass --sparsity (e.g. 0.5) or --structure 2:4")
-        return float(self.sparsity)
-
-    def validate(self) -> MethodInfo:
-        """Check the settings that need no model; returns the method's registry entry."""
-        info = get_method(self.method)
-        if self.sparsity is not None and not 0.0 <= float(self.sparsity) < 1.0:
-            raise PrunekitError(f"sparsity {self.sparsity} is outside [0, 1): use a fraction such as 0.5")
-        if info.layerwise is None:  # whole-model methods check their own settings
-            return info
-        structure = self.structure_spec()
-        if self.allocation not in ALLOCATIONS:
-            raise PrunekitError(f"unknown allocation '{self.allocation}': use one of {', '.join(ALLOCATIONS)}")
-        self.target_sparsity()
-        cls = info.layerwise
-        if self.compare is not None and self.compare not in cls.compares:
-            raise PrunekitError(f"method {self.method} cannot compare by '{self.compare}': use one of "
-                                f"{', '.join(cls.compares)}")
-        if self.allocation == "owl" and structure.is_nm:
-            raise PrunekitError("owl allocation varies the sparsity per block, which N:M fixes: use unstructured")
-        if self.allocation == "owl" and self.compare == "global":
-            raise PrunekitError("owl allocation and a global comparison both set per-layer sparsity: choose one")
-        if self.include_lm_head and info.needs_calibration:
-            raise PrunekitError(f"include_lm_head works with magnitude and random only, not {self.method}")
-        if self.block_size < 1 or self.micro_batch_size < 1:
-            raise PrunekitError("block_size and micro_batch_size must be at least 1")
-        if not self.dampening > 0:
-            raise PrunekitError(f"dampening {self.dampening} must be positive (e.g. 0.01)")
-        if not (self.owl_m > 0 and self.owl_lambda >= 0):
-            raise PrunekitError("owl_m must be positive and owl_lambda non-negative (defaults 5 and 0.08)")
-        return info
-
-    def needs_calibration(self) -> bool:
-        """True when the method, or OWL allocation, reads calibration activations."""
-        info = get_method(self.method)
-        needed = info.calibration_rule(self) if info.calibration_rule is not None else info.needs_calibration
-        return needed or self.allocation == "owl"
+ONE_SHOT_KINDS = ("one-shot", "structured")
 
 
-def _patterns(value: Any, name: str) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [p for p in value.split(",")]
-    if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
-        raise PrunekitError(f"{name} must be a list of name patterns (e.g. '*.mlp.*'), got {value!r}")
-    cleaned = [p.strip() for p in value if p.strip()]
-    return cleaned or None
+def resolve_config(config: MethodConfig | dict[str, Any]) -> tuple[MethodSpec, MethodConfig]:
+    """(method, validated config) for :func:`prune`: one-shot and structured methods only."""
+    spec, resolved = config_for(config, ONE_SHOT_KINDS)
+    resolved.ready()
+    return spec, resolved
 
 
 @dataclass
 class PruneResult:
     """What a pruning run did: achieved sparsity per layer, settings and timing (seconds)."""
 
-    config: PruneConfig
+    config: MethodConfig
     target_sparsity: float | None
     sparsity: float  # achieved over the selected layers (zeros / weights)
     layers: dict[str, dict[str, Any]]  # full name -> shape, params, nonzero, sparsity, target
@@ -146,23 +52,29 @@ class PruneResult:
     outlier_ratios: list[float] | None = None
     timing: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    kind: str = "one-shot"
+
+    @property
+    def method(self) -> str:
+        return type(self.config).method
 
     def record(self) -> dict[str, Any]:
-        """The JSON-friendly part of a prunekit record: method settings, sparsity and timing."""
+        """The pruning part of a prunekit record: method, resolved settings, sparsity, timing, method facts."""
         sparsity: dict[str, Any] = {"target": self.target_sparsity, "total": self.sparsity,
                                     "layers": {name: info["sparsity"] for name, info in self.layers.items()}}
         if self.block_sparsity is not None:
             sparsity["blocks"] = self.block_sparsity
         if self.outlier_ratios is not None:
             sparsity["outlier_ratios"] = self.outlier_ratios
-        out = {"method": dataclasses.asdict(self.config), "sparsity": sparsity, "timing": dict(self.timing)}
+        out: dict[str, Any] = {"method": self.method, "kind": self.kind, "method_settings": self.config.to_dict(),
+                               "sparsity": sparsity, "timing": dict(self.timing)}
         if self.extra:
             out["method_result"] = self.extra
         return out
 
 
-def select_layers(model: nn.Module, config: PruneConfig) -> list[dict[str, nn.Module]]:
-    """The layers to prune, per block (full module name -> layer), after include/exclude patterns."""
+def select_layers(model: nn.Module, config: Any) -> list[dict[str, nn.Module]]:
+    """The layers to prune, per block (full module name -> layer), after the config's include/exclude patterns."""
     adapter = get_adapter(model)
     prefix = adapter.blocks_prefix()
     per_block: list[dict[str, nn.Module]] = []
@@ -172,7 +84,7 @@ def select_layers(model: nn.Module, config: PruneConfig) -> list[dict[str, nn.Mo
     return per_block
 
 
-def _wanted(name: str, config: PruneConfig) -> bool:
+def _wanted(name: str, config: Any) -> bool:
     if config.include and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
         return False
     return not (config.exclude and any(fnmatch.fnmatchcase(name, p) for p in config.exclude))
@@ -216,7 +128,7 @@ def check_calibration(model: nn.Module, calibration: torch.Tensor | None, method
 class _PruneVisitor(BlockVisitor):
     """Engine visitor: one method instance per input stream; prune every selected layer of the block."""
 
-    def __init__(self, cls: type[LayerwiseMethod], config: PruneConfig, layers_by_block: list[dict[str, nn.Module]],
+    def __init__(self, cls: type[LayerwiseMethod], config: SparsityConfig, layers_by_block: list[dict[str, nn.Module]],
                  block_sparsity: list[float], structure: Structure) -> None:
         self.cls = cls
         self.config = config
@@ -247,31 +159,30 @@ def _resolve_run_device(model: nn.Module, device: str | torch.device | None) -> 
     return resolve_device(device)
 
 
-def prune(model: nn.Module, config: PruneConfig | dict[str, Any], calibration: torch.Tensor | None = None, *,
+def prune(model: nn.Module, config: MethodConfig | dict[str, Any], calibration: torch.Tensor | None = None, *,
           device: str | torch.device | None = None, progress: bool = True) -> PruneResult:
     """Prune ``model`` in place by ``config``; ``calibration`` is a LongTensor [samples, seq_len] of token ids.
 
     ``device`` is where each block and the activations are computed (default: the model's device);
     the rest of the model stays where it is.
     """
-    config = config if isinstance(config, PruneConfig) else PruneConfig.from_dict(dict(config))
-    info = config.validate()
+    spec, config = resolve_config(config)
     if config.needs_calibration():
-        calibration = check_calibration(model, calibration, config.method)
+        calibration = check_calibration(model, calibration, spec.name)
     run_device = _resolve_run_device(model, device)
     started = time.perf_counter()
-    if info.fn is not None:
-        extra = info.fn(model, config, calibration, run_device, progress) or {}
+    if spec.kind == "structured":
+        extra = spec.implementation(model, config, calibration, run_device, progress) or {}
         layers = get_adapter(model).prunable_layers()
         return _result(config, None, layers, {name: None for name in layers}, None, None,
-                       {"total_s": time.perf_counter() - started}, extra)
+                       {"total_s": time.perf_counter() - started}, extra, kind=spec.kind)
 
-    assert info.layerwise is not None
-    cls = info.layerwise
+    assert isinstance(config, SparsityConfig)
+    cls = spec.implementation
     structure = config.structure_spec()
     target = config.target_sparsity()
     layers_by_block = select_layers(model, config)
-    extra_layers = _lm_head(model) if config.include_lm_head else {}
+    extra_layers = _lm_head(model) if getattr(config, "include_lm_head", False) else {}
     every = {name: layer for block in layers_by_block for name, layer in block.items()} | extra_layers
     if not every:
         example = next(iter(get_adapter(model).prunable_layers()), "?")
@@ -296,11 +207,11 @@ def prune(model: nn.Module, config: PruneConfig | dict[str, Any], calibration: t
     targets.update({name: target for name in extra_layers})
 
     start = time.perf_counter()
-    if cls.needs_calibration:
-        assert calibration is not None
+    if _reads_inputs(cls):
+        calibration = check_calibration(model, calibration, spec.name)
         visitor = _PruneVisitor(cls, config, layers_by_block, block_sparsity, structure)
         engine = run_blockwise(model, calibration, visitor, device=run_device,
-                               micro_batch_size=config.micro_batch_size, progress=progress, desc=config.method)
+                               micro_batch_size=config.micro_batch_size, progress=progress, desc=spec.name)
         timing.update(_engine_timing(engine))
     else:
         _prune_without_data(cls, config, every, targets, structure, target)
@@ -310,7 +221,12 @@ def prune(model: nn.Module, config: PruneConfig | dict[str, Any], calibration: t
                    ratios, timing, {})
 
 
-def _prune_without_data(cls: type[LayerwiseMethod], config: PruneConfig, layers: dict[str, nn.Module],
+def _reads_inputs(cls: type[LayerwiseMethod]) -> bool:
+    """True when the method collects statistics from layer inputs (it overrides add_batch)."""
+    return cls.add_batch is not LayerwiseMethod.add_batch
+
+
+def _prune_without_data(cls: type[LayerwiseMethod], config: SparsityConfig, layers: dict[str, nn.Module],
                         targets: dict[str, float], structure: Structure, target: float) -> None:
     """Methods that read only the weights: all at once (global comparison) or layer by layer."""
     device = weight_view(next(iter(layers.values()))).device
@@ -329,13 +245,13 @@ def _engine_timing(engine: EngineReport) -> dict[str, float]:
             "replay_s": engine.replay_s}
 
 
-def _result(config: PruneConfig, target: float | None, layers: dict[str, nn.Module],
+def _result(config: MethodConfig, target: float | None, layers: dict[str, nn.Module],
             targets: Mapping[str, float | None], block_sparsity: list[float] | None, ratios: list[float] | None,
-            timing: dict[str, float], extra: dict[str, Any]) -> PruneResult:
+            timing: dict[str, float], extra: dict[str, Any], kind: str = "one-shot") -> PruneResult:
     report = layer_report(layers)
     for name, info in report.items():
         info["target"] = targets.get(name)
     params = sum(int(info["params"]) for info in report.values())  # type: ignore[call-overload]
     nonzero = sum(int(info["nonzero"]) for info in report.values())  # type: ignore[call-overload]
     achieved = 1.0 - nonzero / params if params else 0.0
-    return PruneResult(config, target, achieved, report, block_sparsity, ratios, timing, extra)
+    return PruneResult(config, target, achieved, report, block_sparsity, ratios, timing, extra, kind)

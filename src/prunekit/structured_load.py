@@ -4,7 +4,7 @@ The model is built from its config as usual, then cut to the per-block shapes re
 ``config.prunekit_structure`` (or the record's ``structure``), its factorised layers (recorded in
 ``config.prunekit_factorised`` or the record's ``factorised``) are replaced by two-factor layers of
 the recorded rank, and only then are the safetensors weights loaded, strictly.
-Registered with :mod:`prunekit.export` as the loaders ``structured`` and ``flop``.
+:func:`prunekit.export.load` calls it for folders whose record or config names the loader ``structured``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.export import register_loader
-from prunekit.surgery import STRUCTURE_ATTR, shrink_to
-
-FACTORISED_ATTR = "prunekit_factorised"
+from prunekit.record import FACTORISED_ATTR, STRUCTURE_ATTR
+from prunekit.surgery import shrink_to
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -87,7 +85,3 @@ def load_structured(folder: Path, config: Any, record: dict[str, Any], task: str
     load_weights(model, Path(folder))
     model.eval()
     return model
-
-
-register_loader("structured", load_structured)
-register_loader("flop", load_structured)

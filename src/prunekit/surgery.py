@@ -26,17 +26,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from prunekit.adapters import get_adapter, weight_view
+from prunekit.adapters import keep_inputs, keep_outputs, structured_adapter, weight_view
 from prunekit.adapters.base import ModelAdapter, get_submodule
 from prunekit.errors import PrunekitError
+from prunekit.models import count_parameters
 
 STRUCTURE_ATTR = "prunekit_structure"
-# families whose configs carry an explicit head_dim that their attention reads
-HEAD_DIM_FAMILIES = ("llama",)
-# model_type -> (config flag that gives the attention layers biases, flag for the MLP layers)
-BIAS_FLAGS: dict[str, tuple[str, str]] = {"llama": ("attention_bias", "mlp_bias")}
 
 
 @dataclass(frozen=True)
@@ -48,56 +44,7 @@ class LayerShape:
     intermediate: int
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Parameters of the model, counted from its modules (tied tensors once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def structured_adapter(model: nn.Module) -> ModelAdapter:
-    """The model's adapter, refusing families whose attention and MLP layers are unknown."""
-    adapter = get_adapter(model)
-    if adapter.family == "generic" or not adapter.o_proj or not adapter.mlp_out:
-        model_type = getattr(model.config, "model_type", type(model).__name__)
-        raise PrunekitError(f"structured pruning needs an adapter that names the attention and MLP layers; "
-                            f"model type '{model_type}' has none: add one in prunekit/adapters")
-    return adapter
-
-
-# ---- slicing one linear layer ---------------------------------------------------------------
-def _param(tensor: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(tensor.detach().clone().contiguous(), requires_grad=like.requires_grad)
-
-
-def keep_outputs(module: nn.Module, keep: torch.Tensor) -> None:
-    """Keep only the output features ``keep`` of a linear layer (and of its bias)."""
-    layer: Any = module
-    keep = keep.to(layer.weight.device)
-    if isinstance(layer, Conv1D):
-        layer.weight = _param(layer.weight.data[:, keep], layer.weight)
-        layer.nf = len(keep)
-    elif isinstance(layer, nn.Linear):
-        layer.weight = _param(layer.weight.data[keep], layer.weight)
-        layer.out_features = len(keep)
-    else:
-        raise TypeError(f"{type(layer).__name__} is not a linear layer")
-    if layer.bias is not None:
-        layer.bias = _param(layer.bias.data[keep], layer.bias)
-
-
-def keep_inputs(module: nn.Module, keep: torch.Tensor) -> None:
-    """Keep only the input features ``keep`` of a linear layer."""
-    layer: Any = module
-    keep = keep.to(layer.weight.device)
-    if isinstance(layer, Conv1D):
-        layer.weight = _param(layer.weight.data[keep, :], layer.weight)
-        layer.nx = len(keep)
-    elif isinstance(layer, nn.Linear):
-        layer.weight = _param(layer.weight.data[:, keep], layer.weight)
-        layer.in_features = len(keep)
-    else:
-        raise TypeError(f"{type(layer).__name__} is not a linear layer")
-
-
+# ---- changing one linear layer (slicing: adapters.keep_outputs / keep_inputs) ----------------
 def add_output_bias(module: nn.Module, delta: torch.Tensor) -> None:
     """Add ``delta`` to the layer's bias, creating a zero bias first if it has none."""
     layer: Any = module
@@ -254,10 +201,10 @@ def enable_biases(model: nn.Module, part: str) -> bool:
     first = get_submodule(adapter.blocks()[0], out_name)
     if getattr(first, "bias", None) is not None:
         return True
-    flags = BIAS_FLAGS.get(getattr(model.config, "model_type", ""))
-    if flags is None:
+    flag = adapter.bias_flag(part)
+    if flag is None:
         return False
-    setattr(model.config, flags[0] if part == "attention" else flags[1], True)
+    setattr(model.config, flag, True)
     names = (*adapter.attention_inputs(), adapter.o_proj) if part == "attention" else (*adapter.mlp_in, adapter.mlp_out)
     for block in adapter.blocks():
         for name in names:
@@ -280,9 +227,7 @@ def remove_blocks(model: nn.Module, indices: Sequence[int], sync: bool = True) -
         raise PrunekitError(f"removing {len(removed)} of {len(blocks)} blocks would leave none: "
                             f"remove at most {len(blocks) - 1}")
     kept = [i for i in range(len(blocks)) if i not in removed]
-    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and kept != list(range(len(kept))):
-        raise PrunekitError("this GPT-2 config scales attention by the block index (scale_attn_by_inverse_layer_idx), "
-                            "so renumbered blocks would compute differently: remove only the last blocks")
+    adapter.check_block_removal(kept)
     new_blocks = nn.ModuleList([blocks[i] for i in kept])
     parent_path, _, attr = adapter.blocks_path.rpartition(".")
     setattr(get_submodule(adapter.base_model, parent_path), attr, new_blocks)
@@ -332,7 +277,7 @@ def sync_config(model: nn.Module) -> dict[str, Any]:
     else:
         describable = False
     if {(s.heads, s.kv_heads) for s in shapes} != {(heads, kv_heads)}:
-        if len({(s.heads, s.kv_heads) for s in shapes}) == 1 and adapter.family in HEAD_DIM_FAMILIES:
+        if len({(s.heads, s.kv_heads) for s in shapes}) == 1 and adapter.config_head_dim:
             config.head_dim = head_dim
             _set_first(config, adapter.heads_attrs, shapes[0].heads)
             _set_first(config, adapter.kv_heads_attrs, shapes[0].kv_heads)

@@ -82,6 +82,15 @@ def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
         raise PrunekitError(f"output folder '{path}' already exists: choose another --out or pass --overwrite")
     if path.exists() and not path.is_dir():
         raise PrunekitError(f"output path '{path}' exists and is not a folder: choose another --out")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise PrunekitError(f"cannot create output folder '{path}': '{ancestor}' is a file, not a folder: "
+                            "choose another --out")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PrunekitError(f"cannot create output folder '{path}': '{ancestor}' is not writable: "
+                            "choose another --out")
     return path
 
 

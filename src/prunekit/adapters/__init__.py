@@ -1,13 +1,28 @@
-"""Adapters by model family; `get_adapter(model)` picks one from `config.model_type`."""
+"""Adapters by model family; `get_adapter(model)` picks one from `config.model_type`.
+
+Everything a family or a layer kind does differently lives in this package: adapters (names of a
+family's parts, its config switches), :mod:`~prunekit.adapters.layers` (how each kind of linear layer
+stores its weight) and :mod:`~prunekit.adapters.heads` (which head a model carries).
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from prunekit.adapters.base import LINEAR_TYPES, ModelAdapter, is_linear, weight_view
+from prunekit.adapters.base import ModelAdapter
 from prunekit.adapters.bert import BertAdapter, DistilBertAdapter
 from prunekit.adapters.generic import GenericAdapter
 from prunekit.adapters.gpt2 import GPT2Adapter
+from prunekit.adapters.heads import ModelHead, model_head
+from prunekit.adapters.layers import (
+    LINEAR_TYPES,
+    grad_view,
+    is_linear,
+    keep_inputs,
+    keep_outputs,
+    make_linear_like,
+    weight_view,
+)
 from prunekit.adapters.llama import LlamaAdapter
 from prunekit.adapters.opt import OPTAdapter
 
@@ -29,5 +44,13 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return GenericAdapter(model)
 
 
-__all__ = ["ADAPTERS", "LINEAR_TYPES", "GenericAdapter", "ModelAdapter", "get_adapter", "is_linear",
-           "register_adapter", "weight_view"]
+def structured_adapter(model: nn.Module) -> ModelAdapter:
+    """The model's adapter, refusing (one-line PrunekitError) a layout whose attention and MLP are unknown."""
+    adapter = get_adapter(model)
+    adapter.require_structured()
+    return adapter
+
+
+__all__ = ["ADAPTERS", "LINEAR_TYPES", "GenericAdapter", "ModelAdapter", "ModelHead", "get_adapter", "grad_view",
+           "is_linear", "keep_inputs", "keep_outputs", "make_linear_like", "model_head", "register_adapter",
+           "structured_adapter", "weight_view"]

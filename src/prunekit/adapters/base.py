@@ -7,32 +7,13 @@ A new family is one small file that subclasses :class:`ModelAdapter` and sets cl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
-import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from prunekit.adapters.layers import is_linear
 from prunekit.errors import PrunekitError
-
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
-
-
-def is_linear(module: nn.Module) -> bool:
-    """True for the layer types prunekit prunes: nn.Linear and GPT-2's Conv1D."""
-    return isinstance(module, LINEAR_TYPES)
-
-
-def weight_view(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as (out_features, in_features); a view, so in-place edits write through.
-
-    nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out) and is returned transposed.
-    """
-    if isinstance(layer, Conv1D):
-        return layer.weight.data.t()
-    if isinstance(layer, nn.Linear):
-        return layer.weight.data
-    raise TypeError(f"{type(layer).__name__} is not a linear layer")
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -45,6 +26,9 @@ class ModelAdapter:
 
     Paths are relative: ``blocks_path`` to ``model.base_model``; the others to one block.
     ``qkv_fused`` is set instead of q/k/v for families that compute q, k and v in one layer.
+    ``config_head_dim``: the config has an explicit ``head_dim`` that the attention reads, so heads
+    can be removed and the config still describes the model. ``bias_flags``: the config switches
+    that give (attention layers, MLP layers) biases, or None when the family has no such switches.
     """
 
     family: ClassVar[str] = "base"
@@ -58,6 +42,8 @@ class ModelAdapter:
     o_proj: ClassVar[str] = ""
     mlp_in: ClassVar[tuple[str, ...]] = ()
     mlp_out: ClassVar[str] = ""
+    config_head_dim: ClassVar[bool] = False
+    bias_flags: ClassVar[tuple[str, str] | None] = None
     # config attribute names (first one that exists is used)
     heads_attrs: ClassVar[tuple[str, ...]] = ("num_attention_heads", "n_head", "n_heads")
     kv_heads_attrs: ClassVar[tuple[str, ...]] = ("num_key_value_heads",)
@@ -90,6 +76,25 @@ class ModelAdapter:
             if module is blocks:
                 return name
         raise PrunekitError(f"{self.family} adapter: block list not found in the model")
+
+    def require_structured(self) -> None:
+        """Refuse (one-line PrunekitError) a layout whose attention and MLP layers are not named."""
+        if not self.o_proj or not self.mlp_out or not self.attention_inputs() or not self.mlp_in:
+            raise PrunekitError(f"structured pruning needs an adapter that names the attention and MLP layers; "
+                                f"model type '{self._model_type()}' has none: add one in prunekit/adapters")
+
+    def bias_flag(self, part: str) -> str | None:
+        """The config switch that gives the ``part`` ("attention" or "mlp") layers biases, if this config has it."""
+        if self.bias_flags is None:
+            return None
+        flag = self.bias_flags[0] if part == "attention" else self.bias_flags[1]
+        return flag if hasattr(self.config, flag) else None
+
+    def check_block_removal(self, kept: Sequence[int]) -> None:
+        """Refuse removing blocks when keeping only ``kept`` (old indices, in order) would change what they compute."""
+
+    def _model_type(self) -> str:
+        return str(getattr(self.config, "model_type", None) or type(self.model).__name__)
 
     # ---- layers inside a block ----------------------------------------------------------
     def attention(self, block: nn.Module) -> nn.Module:

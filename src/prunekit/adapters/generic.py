@@ -51,6 +51,10 @@ class GenericAdapter(ModelAdapter):
         return {name: module for name, module in block.named_modules() if name and is_linear(module)}
 
     def attention_inputs(self) -> tuple[str, ...]:
+        self.require_structured()
+        return ()
+
+    def require_structured(self) -> None:
         raise PrunekitError(
-            f"model type '{getattr(self.config, 'model_type', '?')}' has no adapter, so its attention and MLP "
-            "layers are unknown: structured pruning needs an adapter (see adapters/llama.py)")
+            f"model type '{self._model_type()}' has no adapter, so its attention and MLP layers are unknown: "
+            "structured pruning needs an adapter (add one in prunekit/adapters, see adapters/llama.py)")

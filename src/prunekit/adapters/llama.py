@@ -14,3 +14,5 @@ class LlamaAdapter(ModelAdapter):
     o_proj = "self_attn.o_proj"
     mlp_in = ("mlp.gate_proj", "mlp.up_proj")
     mlp_out = "mlp.down_proj"
+    config_head_dim = True  # the config's head_dim is what the attention reads
+    bias_flags = ("attention_bias", "mlp_bias")

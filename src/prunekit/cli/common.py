@@ -57,7 +57,7 @@ def resolve(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any
             _check_type(args.config, key, value, settings[key])
         settings.update(from_file)
     for key, value in vars(args).items():
-        if key in ("config", "print_config", "func", "debug", "command"):
+        if key in ("config", "print_config", "func", "debug", "command", "method_setting_names"):
             continue
         if value is not None:
             settings[key] = value
@@ -89,3 +89,104 @@ def maybe_print_config(args: argparse.Namespace, settings: dict[str, Any]) -> bo
         print(yaml.safe_dump(settings, sort_keys=True), end="")
         return True
     return False
+
+
+# ---- method settings: flags generated from the methods' config dataclasses --------------------------------------
+def _flag_type(info: Any) -> Any:
+    """The argparse type of a setting: numbers parse as numbers, everything else stays text for the config."""
+    import types
+    import typing
+
+    members = set(typing.get_args(info.type)) if isinstance(info.type, types.UnionType) else {info.type}
+    members.discard(type(None))
+    if members == {bool}:
+        return bool
+    if members == {int}:
+        return int
+    if members and members <= {int, float}:
+        return float
+    return None
+
+
+def add_method_flags(parser: argparse.ArgumentParser, kinds: tuple[str, ...], title: str = "method settings"
+                     ) -> list[str]:
+    """One flag per setting of the methods of these kinds, generated from their configs; returns the setting names.
+
+    Settings declared ``cli=False`` have no flag (YAML or ``--method-arg KEY=VALUE`` set them).
+    A flag's argparse default is None, so an unset flag never counts as given.
+    """
+    from prunekit.methods import available_methods
+
+    by_name: dict[str, list[tuple[str, Any]]] = {}
+    for spec in available_methods():
+        if spec.kind in kinds:
+            for info in spec.config.settings():
+                by_name.setdefault(info.name, []).append((spec.name, info))
+    group = parser.add_argument_group(title, "each method takes only its own settings: `prunekit methods` lists them")
+    for name, users in by_name.items():
+        info = users[0][1]
+        if not any(i.cli for _, i in users):
+            continue
+        total = sum(1 for s in available_methods() if s.kind in kinds)
+        by_help: dict[tuple[str, str], list[str]] = {}
+        for method, item in users:
+            default = f"; default {item.default}" if item.default is not None else ""
+            by_help.setdefault((item.help, default), []).append(method)
+        parts = [f"{help_}{default}" + ("" if len(by_help) == 1 and len(methods) == total else
+                                        f" [{', '.join(methods)}]")
+                 for (help_, default), methods in by_help.items()]
+        text = "; ".join(parts).replace("%", "%%")
+        flag = "--" + name.replace("_", "-")
+        kind = _flag_type(info)
+        if kind is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            choices = sorted({c for _, i in users for c in (i.choices or ())}) or None
+            # choices are checked by the method's config (one-line error naming the method), shown here
+            group.add_argument(flag, dest=name, type=kind, default=None, help=text,
+                               metavar=name.upper() if choices is None else "{" + ",".join(choices) + "}")
+    group.add_argument("--method-arg", dest="method_arg", action="append", default=None, metavar="KEY=VALUE",
+                       help="another setting of the method (repeatable), e.g. --method-arg gate_lr=0.01")
+    return [name for name in by_name if name not in COMMON_DEFAULTS]  # the command's --seed fills a method's seed
+
+
+def parse_method_args(items: list[str] | None) -> dict[str, Any]:
+    """KEY=VALUE strings -> dict, values read as YAML scalars (numbers, booleans, strings)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PrunekitError(f"--method-arg '{item}' is not KEY=VALUE: write e.g. --method-arg gate_lr=0.01")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def resolve_method(settings: dict[str, Any], names: list[str], kinds: tuple[str, ...], ready: bool = True) -> Any:
+    """The chosen method's validated config from the settings given (flags, YAML, --method-arg).
+
+    Only settings given count: a setting the method does not take is a one-line error naming those it takes.
+    The command's seed fills a method's ``seed`` setting when that is not given. Returns (spec, config).
+    """
+    from prunekit.methods import get_method
+
+    spec = get_method(str(settings["method"]), kinds)
+    given = {name: settings[name] for name in names if settings.get(name) is not None}
+    given.update(settings.get("method_args") or {})
+    if "seed" in spec.config.names() and "seed" not in given:
+        given["seed"] = int(settings.get("seed", 0))
+    config = spec.make_config(given)
+    if ready:
+        config.ready()
+    return spec, config
+
+
+def method_defaults(names: list[str]) -> dict[str, Any]:
+    """The settings table entries of method settings: None until given (the method's config has the defaults)."""
+    return {name: None for name in names} | {"method_args": {}}
+
+
+def printable(settings: dict[str, Any], names: list[str], config: Any) -> dict[str, Any]:
+    """Resolved settings for --print-config: the command's and the chosen method's (a valid --config file)."""
+    out = {k: v for k, v in settings.items() if k not in names and k not in ("method_args", "method_arg")}
+    out.update(config.to_dict())
+    return out

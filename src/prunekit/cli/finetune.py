@@ -8,12 +8,11 @@ and re-applies the mask after each step; LoRA adapters are merged back and the r
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
 from prunekit.cli.common import add_common, maybe_print_config, resolve
-from prunekit.cli.train import TRAIN_DEFAULTS, add_training_flags
+from prunekit.cli.train import TRAIN_DEFAULTS, add_training_flags, print_outcome
 from prunekit.errors import PrunekitError
 
 DEFAULTS: dict[str, Any] = {
@@ -21,7 +20,6 @@ DEFAULTS: dict[str, Any] = {
     "distill": False, "teacher": None, "temperature": 2.0, "distill_alpha": 0.5, "max_tokens": None,
     **TRAIN_DEFAULTS, "lr": None, "batch_size": 8,
 }
-SOURCE_KEYS = ("source_model", "source", "base_model", "model")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,43 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def parse_count(value: Any) -> int | None:
-    """'1M', '250k', '1e6' or 1000000 -> 1000000 (None stays None)."""
-    if value is None:
-        return None
-    text = str(value).strip().lower().replace("_", "").replace(",", "")
-    scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000, "b": 1_000_000_000}.get(text[-1:], 1)
-    if scale != 1:
-        text = text[:-1]
-    try:
-        count = int(float(text) * scale)
-    except ValueError as exc:
-        raise PrunekitError(f"token budget '{value}' is not a number: write e.g. 1M, 250k or 1000000") from exc
-    if count < 1:
-        raise PrunekitError(f"token budget '{value}' must be positive")
-    return count
-
-
-def steps_for_tokens(max_tokens: int, settings: dict[str, Any]) -> int:
-    """Optimiser steps that consume ``max_tokens`` training tokens (batch x seq_len x grad_accum x processes)."""
-    from prunekit.finetune.trainer import world_size
-
-    per_step = int(settings["batch_size"]) * int(settings["seq_len"]) * int(settings["grad_accum"]) * world_size()
-    return max(1, math.ceil(max_tokens / per_step))
-
-
-def teacher_name(settings: dict[str, Any], record: dict[str, Any]) -> str:
-    """The dense model to distil from: --teacher, else the source model named in the record."""
-    if settings["teacher"]:
-        return str(settings["teacher"])
-    for key in SOURCE_KEYS:
-        value = record.get(key)
-        if isinstance(value, str) and value:
-            return value
-    raise PrunekitError(f"the record of '{settings['model']}' names no source model to distil from: "
-                        "pass --teacher MODEL (the dense model)")
-
-
 def run(args: argparse.Namespace) -> int:
     from prunekit.export import read_record
     from prunekit.utils import check_output_dir
@@ -109,81 +70,10 @@ def run(args: argparse.Namespace) -> int:
         raise PrunekitError(f"--distill-alpha {settings['distill_alpha']} must lie in [0, 1]")
     if float(settings["temperature"]) <= 0:
         raise PrunekitError(f"--temperature {settings['temperature']} must be positive")
-    return finetune_command(settings, record)
+    from prunekit.jobs import finetune_job
 
-
-def finetune_command(settings: dict[str, Any], record: dict[str, Any]) -> int:
-    """Load the pruned model, data and teacher; recover; evaluate; export with an extended record."""
-    from prunekit.cli.train import (
-        checkpoint_folder,
-        final_evaluation,
-        finish,
-        is_main_process,
-        sparsity_record,
-        train_config,
-        training_record,
-    )
-    from prunekit.data import ClassificationData, load_data
-    from prunekit.export import load
-    from prunekit.finetune import LoraSettings, recover
-    from prunekit.finetune.recovery import check_lora_rank, sparsity_facts
-    from prunekit.models import load_model
-    from prunekit.utils import set_seed
-
-    lora = settings["lora"]
-    if settings["lr"] is None:
-        settings["lr"] = 2e-4 if lora else 2e-5
-    budget = parse_count(settings["max_tokens"])
-    if budget is not None:
-        settings["max_steps"] = steps_for_tokens(budget, settings)
-        settings["max_train_tokens"] = budget
-    data = load_data(settings["data"])
-    classification = isinstance(data, ClassificationData)
-    set_seed(int(settings["seed"]))
-    task = "classification" if classification else "causal-lm"
-    model, tokenizer, _ = load(settings["model"], task=task, dtype=settings["dtype"])
-    lora_settings = None
-    if lora:
-        lora_settings = LoraSettings(int(settings["lora_rank"]), int(settings["lora_alpha"]),
-                                     float(settings["lora_dropout"]))
-        check_lora_rank(model, lora_settings.rank)
-    teacher = None
-    if settings["distill"]:
-        if classification and not settings["teacher"]:
-            raise PrunekitError("distilling a classifier needs --teacher: a dense model fine-tuned on this task "
-                                "(the record's source model has an untrained head)")
-        name = teacher_name(settings, record)
-        teacher, _ = load_model(name, task=task, num_labels=int(getattr(model.config, "num_labels", 2) or 2),
-                                device="cpu", dtype=settings["dtype"])
-    config = train_config(settings)
-    if not settings["distill"]:
-        config.distill_alpha = 0.0
-    checkpoints = checkpoint_folder(settings)
-    before = sparsity_facts(model)["sparsity"]
-    # the held-out number of the pruned model, measured the same way as the result's (shown side by side)
-    baseline = {**final_evaluation(model, tokenizer, data, settings), "sparsity": before} if is_main_process() else None
-    result = recover(model, tokenizer, data, config=config, lora=lora_settings, teacher=teacher,
-                     checkpoint_dir=checkpoints, resume=bool(settings["resume"]))
-    if result.stopped_early:
-        print(f"stopped after {result.steps} of {result.total_steps} steps; the checkpoint is in {checkpoints}: "
-              "run the same command with --resume to continue")
-        return 0
-    facts = dict(result.facts)
-    new_record = {key: value for key, value in record.items() if key not in ("created", "prunekit_version", "results")}
-    new_record.update({
-        "task": task, "source_model": teacher_name(settings, record) if settings["distill"] else
-        next((record[k] for k in SOURCE_KEYS if isinstance(record.get(k), str)), None),
-        "pruned_model": str(settings["model"]), "pruned_record": {"results": record.get("results")},
-        "recovery": {"mode": "lora" if lora else "full", "lora": vars(lora_settings) if lora_settings else None,
-                     "distill": bool(settings["distill"]),
-                     "teacher": teacher_name(settings, record) if settings["distill"] else None,
-                     "temperature": settings["temperature"] if settings["distill"] else None,
-                     "distill_alpha": settings["distill_alpha"] if settings["distill"] else None,
-                     "max_tokens": budget, "sparsity_before": before, "sparsity_after": facts.get("sparsity"),
-                     "training": training_record(settings, result, config)},
-        "sparsity": sparsity_record(facts, (record.get("sparsity") or {}).get("target")
-                                    if isinstance(record.get("sparsity"), dict) else None),
-    })
-    finish(result, tokenizer, data, settings, new_record, checkpoints, f"recovery of {settings['model']}",
-           before=baseline)
+    job = finetune_job(settings, record)
+    print_outcome(job, settings, f"recovery of {settings['model']}")
     return 0
+
+

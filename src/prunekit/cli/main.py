@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import sys
+import typing
 from collections.abc import Sequence
 
 from prunekit import __version__
@@ -16,8 +17,16 @@ from prunekit.errors import PrunekitError
 SUBCOMMANDS = ["models", "data", "eval", "prune", "methods", "train", "finetune"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage dump) and exit with 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="prunekit",
         description="Prune transformer models, recover their quality, and measure what was gained and lost.")
     parser.add_argument("--version", action="version", version=f"prunekit {__version__}")

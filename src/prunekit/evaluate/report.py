@@ -1,16 +1,14 @@
-"""One-call evaluation of a model (quality, size, speed) and rich tables for before/after comparisons."""
+"""One-call evaluation of a model (quality, size, speed) and plain-text tables for before/after comparisons."""
 
 from __future__ import annotations
 
-import io
 import platform
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from prunekit.errors import PrunekitError
@@ -26,50 +24,173 @@ CLASSIFICATION_TASKS = ("accuracy", "classification")
 # tables
 
 
-def _format_value(key: str, value: Any) -> str:
-    """A number formatted for its column: perplexity 2 decimals, sparsity %, bytes MB (10^6), params M."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
+TABLE_WIDTH = 100  # columns of a printed table: fits a terminal and a log next to its line numbers
+MIN_NAME_WIDTH = 12  # a model name is never cut below this many characters
+_LABELS = {"latency_ms": "forward", "decode_ms_per_token": "decode", "tokens_per_second": "tokens/s",
+           "memory_bytes": "memory", "disk_bytes": "disk", "bytes": "size", "train_s": "train"}
+_NEXT_TO = {"disk_bytes": "memory_bytes"}  # column -> the column it follows when both are shown
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind_of(key: str) -> str:
+    """How a column is shown, from its key: perplexity, percent, bytes, params, ms, seconds, rate or plain."""
     name = key.lower()
     if name in ("perplexity", "ppl") or name.endswith("_ppl") or name.startswith("perplexity"):
-        return f"{value:,.2f}"
+        return "perplexity"
     if "sparsity" in name or name in ("accuracy", "acc") or name.endswith(("_accuracy", "_pct")):
-        return f"{100 * value:.2f}%"
+        return "percent"
     if "bytes" in name or name.endswith(("_size", "size_mb")):
-        return f"{value / 1e6:,.1f} MB" if abs(value) >= 1e5 else f"{value / 1e3:,.1f} kB"
+        return "bytes"
     if "params" in name or name in ("nonzero", "parameters"):
-        return f"{value / 1e6:,.2f}M" if abs(value) >= 1e5 else f"{value:,.0f}"
+        return "params"
     if name.endswith("_ms") or "_ms_" in name or name in ("latency", "ms"):
-        return f"{value:,.2f} ms"
+        return "ms"
     if "per_second" in name or name.endswith("_per_s"):
+        return "rate"
+    if name.endswith("_s") or name == "seconds":
+        return "seconds"
+    return "plain"
+
+
+def _compact(value: float) -> str:
+    """About 4 significant digits, never more than 2 decimals: 538.1, 32.91, 0.352, 12,345."""
+    size = abs(value)
+    if size >= 1000:
         return f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
+    if size >= 100:
+        return f"{value:.1f}"
+    if size >= 1 or size == 0:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def _format_value(key: str, value: Any, byte_unit: float = 1e6) -> str:
+    """A value formatted for its column: perplexity 2 decimals, percent 2 decimals, params in M, bytes in
+    ``byte_unit`` (the unit is in the header), times in ms or s without unit (in the header), '-' for None."""
+    if value is None:
+        return "-"
+    if not _is_number(value):
+        return str(value)
+    kind = _kind_of(key)
+    if kind == "perplexity":
+        return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if kind == "percent":
+        return f"{100 * value:.2f}%"
+    if kind == "bytes":
+        return _compact(value / byte_unit)
+    if kind == "params":
+        return f"{value / 1e6:,.1f}M" if abs(value) >= 1e5 else f"{value:,.0f}"
+    if kind in ("ms", "seconds"):
+        return _compact(value)
+    if kind == "rate" or isinstance(value, int):
+        return f"{value:,.0f}"
     return f"{value:.4g}"
 
 
-def format_table(rows: list[dict[str, Any]], title: str | None = None, width: int = 160) -> str:
-    """Render ``rows`` (one dict per model, e.g. dense vs pruned) as a plain-text rich table.
+def _header(key: str, sizes: list[Any]) -> tuple[str, float]:
+    """(column header with its unit, byte unit) for a key: 'memory_bytes' -> ('memory MB', 1e6).
 
-    Columns are the keys in order of first appearance; missing values show as '-'. MB = 10^6 bytes.
+    ``sizes``: every byte count the table shows; below 1 MB all of them are in kB, else in MB."""
+    label = _LABELS.get(key, key.replace("_", " "))
+    kind = _kind_of(key)
+    if kind == "bytes":
+        numbers = [abs(v) for v in sizes if _is_number(v)]
+        unit, name = (1e6, "MB") if not numbers or max(numbers) >= 1e6 else (1e3, "kB")
+        return f"{label} {name}", unit
+    if kind == "ms":
+        return (f"{label} ms/token" if "per_token" in key else f"{label} ms"), 1e6
+    if kind == "seconds":
+        return f"{label} s", 1e6
+    return label, 1e6
+
+
+def _shorten(name: str, limit: int) -> str:
+    """``name`` cut to ``limit`` characters from the left ('…' first): a path's end says the most."""
+    return name if len(name) <= limit else "…" + name[len(name) - limit + 1:]
+
+
+def _wrap_words(text: str, width: int) -> list[str]:
+    """``text`` on lines of at most ``width`` characters, broken at spaces (a longer word keeps its line)."""
+    return textwrap.wrap(text, width=max(1, width), break_long_words=False, break_on_hyphens=False) or [""]
+
+
+def _fit_widths(headers: list[str], cells: list[list[str]], width: int, gap: int) -> list[int]:
+    """Column widths for a table at most ``width`` wide: whole headers if they fit, else headers wrapped at
+    spaces (widest first), then the first column cut down to MIN_NAME_WIDTH."""
+    content = [max((len(line[i]) for line in cells), default=0) for i in range(len(headers))]
+    widths = [max(c, len(h)) for c, h in zip(content, headers, strict=True)]
+    floors = [max(c, *(len(word) for word in h.split() or [""])) for c, h in zip(content, headers, strict=True)]
+
+    def total() -> int:
+        return sum(widths) + gap * (len(widths) - 1)
+
+    while total() > width:
+        shrinkable = [i for i in range(len(widths)) if widths[i] > floors[i]]
+        if not shrinkable:
+            break
+        worst = max(shrinkable, key=lambda i: widths[i] - floors[i])
+        widths[worst] = max(floors[worst], widths[worst] - (total() - width))
+    if total() > width and widths:
+        widths[0] = max(min(widths[0], MIN_NAME_WIDTH, content[0]), len(headers[0]),
+                        widths[0] - (total() - width))
+    return widths
+
+
+def format_table(rows: list[dict[str, Any]], title: str | None = None, width: int = TABLE_WIDTH) -> str:
+    """Render ``rows`` (one dict per model, e.g. dense vs pruned) as a plain-text table at most ``width`` wide.
+
+    Columns are the keys in order of first appearance; a column that is None in every row is left out;
+    missing values show as '-'. Units are in the headers (MB = 10^6 bytes, ms); headers wrap over two
+    lines where needed, and a long first column (a model path) is cut from the left to make the table fit.
+    Columns that still do not fit are left out and named under the table.
     """
+    gap = 2
     columns: list[str] = []
     for row in rows:
         columns.extend(key for key in row if key not in columns)
-    table = Table(title=title)
-    for index, column in enumerate(columns):
-        numeric = any(isinstance(row.get(column), (int, float)) and not isinstance(row.get(column), bool)
-                      for row in rows)
-        table.add_column(column, justify="right" if numeric else "left", no_wrap=index == 0)
-    for row in rows:
-        table.add_row(*(_format_value(column, row.get(column)) for column in columns))
-    buffer = io.StringIO()
-    console = Console(file=buffer, width=width, color_system=None, force_terminal=False, legacy_windows=False)
-    console.width = min(width, console.measure(table).maximum)  # title centred over the table, not the console
-    console.print(table)
-    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
+    columns = [key for key in columns if any(row.get(key) is not None for row in rows)]
+    if not columns:
+        return "".join(f"{line}\n" for line in (title, "(nothing to show)") if line)
+    for key, before in _NEXT_TO.items():  # e.g. a disk size added to one row after the fact sits by the memory
+        if key in columns and before in columns:
+            columns.remove(key)
+            columns.insert(columns.index(before) + 1, key)
+    sizes = [row.get(key) for key in columns if _kind_of(key) == "bytes" for row in rows]  # one unit for all
+    units = {key: _header(key, sizes) for key in columns}
+    headers = [units[key][0] for key in columns]
+    cells = [[_format_value(key, row.get(key), units[key][1]) for key in columns] for row in rows]
+    numeric = [any(_is_number(row.get(key)) for row in rows) for key in columns]
+    widths = _fit_widths(headers, cells, width, gap)
+    left_out: list[str] = []
+    while len(widths) > 1 and sum(widths) + gap * (len(widths) - 1) > width:
+        left_out.insert(0, headers.pop())
+        numeric.pop()
+        cells = [line[:-1] for line in cells]
+        widths = _fit_widths(headers, cells, width, gap)
+
+    def line_of(parts: list[str]) -> str:
+        padded = [part.rjust(w) if right else part.ljust(w)
+                  for part, w, right in zip(parts, widths, numeric, strict=True)]
+        return (" " * gap).join(padded).rstrip()
+
+    wrapped = [_wrap_words(header, w) for header, w in zip(headers, widths, strict=True)]
+    depth = max((len(lines) for lines in wrapped), default=1)
+    wrapped = [[""] * (depth - len(lines)) + lines for lines in wrapped]  # headers sit on the rule
+    table_width = sum(widths) + gap * (len(widths) - 1)
+    out: list[str] = []
+    if title:
+        out.extend(line.center(table_width).rstrip() for line in _wrap_words(title, min(width, max(table_width, 20))))
+    out.extend(line_of([lines[i] for lines in wrapped]) for i in range(depth))
+    out.append("─" * table_width)
+    for line in cells:
+        first = [_shorten(line[0], widths[0])] if line else []
+        out.append(line_of(first + line[1:]))
+    if left_out:
+        out.extend(_wrap_words(f"(left out to fit {width} columns: {', '.join(left_out)})", width))
+    return "\n".join(out) + "\n"
 
 
 def summary_row(name: str, results: dict[str, Any]) -> dict[str, Any]:
@@ -87,8 +208,7 @@ def summary_row(name: str, results: dict[str, Any]) -> dict[str, Any]:
             row["disk_bytes"] = size["bytes_on_disk"]
     speed = results.get("latency") or {}
     if speed:
-        row["latency_ms"] = speed["forward_ms_median"]
-        row["tokens_per_second"] = speed["tokens_per_second"]
+        row["latency_ms"] = speed["forward_ms_median"]  # tokens per second stays in the JSON: same information
         if speed.get("decode_ms_per_token") is not None:
             row["decode_ms_per_token"] = speed["decode_ms_per_token"]
     return row

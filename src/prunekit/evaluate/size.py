@@ -5,7 +5,7 @@ Counting rules (stated in the report's protocol):
 * every tensor is counted once, by storage address: tied weights (e.g. input embeddings and LM head)
   count once;
 * a parameter is "nonzero" unless it is exactly 0.0; sparsity = 1 - nonzero / params;
-* prunable layers are the linear / Conv1D layers inside the transformer blocks (from the model's
+* prunable layers are the linear layers (nn.Linear, GPT-2's Conv1D) inside the transformer blocks (from the model's
   adapter unless given); only their weights count as prunable, not their biases;
 * ``bytes_in_memory`` = numel * element size of every unique parameter and buffer;
 * ``bytes_on_disk`` = the size of the weight files of a saved folder (``*.safetensors``, or ``*.bin`` /
@@ -14,14 +14,15 @@ Counting rules (stated in the report's protocol):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from prunekit.adapters import get_adapter, is_linear, weight_view
 from prunekit.errors import PrunekitError
+from prunekit.models import count_parameters, tensor_key, unique_tensors
 
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".gguf")
 
@@ -56,26 +57,6 @@ class SizeReport:
     bytes_in_memory: int
 
 
-def _key(tensor: torch.Tensor) -> tuple[object, ...]:
-    """Identity of a tensor's memory: its address (ids for tensors with no storage, e.g. on 'meta')."""
-    ptr = tensor.data_ptr()
-    if ptr == 0:
-        return ("id", id(tensor))
-    return (tensor.device.type, tensor.device.index, ptr, tensor.numel(), tensor.dtype)
-
-
-def unique_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors with duplicates (same memory) removed, in first-seen order."""
-    seen: set[tuple[object, ...]] = set()
-    out: list[torch.Tensor] = []
-    for tensor in tensors:
-        key = _key(tensor)
-        if key not in seen:
-            seen.add(key)
-            out.append(tensor)
-    return out
-
-
 def count_nonzero(tensor: torch.Tensor) -> int:
     """Entries that are not exactly zero."""
     if tensor.device.type == "meta":
@@ -88,38 +69,25 @@ def _sparsity(params: int, nonzero: int) -> float:
 
 
 def _weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as (out, in) when the adapter helper is available, else as stored."""
-    try:
-        from prunekit.adapters import weight_view
-
+    """The layer's weight as (out, in) for a linear layer, else as stored."""
+    if is_linear(layer):
         return weight_view(layer)
-    except (ImportError, TypeError):
-        weight = getattr(layer, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            raise PrunekitError(f"layer {type(layer).__name__} has no weight tensor: "
-                                "pass only linear layers as prunable layers") from None
-        return weight.detach()
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise PrunekitError(f"layer {type(layer).__name__} has no weight tensor: "
+                            "pass only linear layers as prunable layers")
+    return weight.detach()
 
 
 def default_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The model's prunable layers from its adapter; without one, every linear layer but the output head."""
     try:
-        from prunekit.adapters import get_adapter
-
         return get_adapter(model).prunable_layers()
-    except (ImportError, PrunekitError):
+    except PrunekitError:
         pass
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    linear_types: tuple[type[nn.Module], ...] = (nn.Linear,)
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        linear_types = (nn.Linear, Conv1D)
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, linear_types) and module is not head}
+    return {name: module for name, module in model.named_modules() if is_linear(module) and module is not head}
 
 
 def weight_files(path: str | Path) -> list[Path]:
@@ -144,9 +112,9 @@ def size_report(model: nn.Module, layers: dict[str, nn.Module] | None = None,
 
     With ``path`` (a saved folder or file), ``bytes_on_disk`` is the size of its weight files.
     """
-    params = unique_tensors(p for _, p in model.named_parameters(remove_duplicate=False))
-    buffers = unique_tensors(b for _, b in model.named_buffers(remove_duplicate=False))
-    total = sum(p.numel() for p in params)
+    params = unique_tensors(model.parameters())
+    buffers = unique_tensors(model.buffers())
+    total = count_parameters(model)
     nonzero = sum(count_nonzero(p) for p in params)
     in_memory = sum(t.numel() * t.element_size() for t in (*params, *buffers))
 
@@ -160,7 +128,7 @@ def size_report(model: nn.Module, layers: dict[str, nn.Module] | None = None,
         count, nz = weight.numel(), count_nonzero(weight)
         rows.append(LayerSparsity(name=name, shape=tuple(weight.shape), params=count, nonzero=nz,
                                   sparsity=_sparsity(count, nz)))
-        key = _key(weight)
+        key = tensor_key(weight)
         if key not in seen:  # a layer listed twice (shared weights) counts once in the totals
             seen.add(key)
             prunable += count

@@ -17,34 +17,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.adapters import get_adapter, weight_view
+from prunekit.adapters import get_adapter, model_head, weight_view
 from prunekit.errors import PrunekitError
 from prunekit.finetune.hooks import TrainingMethod
 from prunekit.finetune.trainer import TrainConfig, TrainResult, train_model
-from prunekit.masks import layer_report
-from prunekit.methods.gradual import grad_view
+from prunekit.masks import KeptMasks, layer_report, total_sparsity
 
 
 def masks_from_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Keep-masks of the prunable layers as the weights are now (True where nonzero)."""
-    return {name: weight_view(layer) != 0 for name, layer in get_adapter(model).prunable_layers().items()}
-
-
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero the prunable weights where ``masks`` is False (in place)."""
-    layers = get_adapter(model).prunable_layers()
-    with torch.no_grad():
-        for name, mask in masks.items():
-            weight = weight_view(layers[name])
-            weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
+    return KeptMasks.from_weights(get_adapter(model).prunable_layers()).masks
 
 
 def sparsity_facts(model: nn.Module) -> dict[str, Any]:
     """Prunable-weight sparsity and the per-layer report, counted from the weights."""
     report = layer_report(get_adapter(model).prunable_layers())
-    total = sum(int(entry["params"]) for entry in report.values())  # type: ignore[call-overload]
-    nonzero = sum(int(entry["nonzero"]) for entry in report.values())  # type: ignore[call-overload]
-    return {"sparsity": 1.0 - nonzero / max(1, total), "layers": report}
+    return {"sparsity": total_sparsity(report), "layers": report}
 
 
 class KeepMasks(TrainingMethod):
@@ -53,41 +41,32 @@ class KeepMasks(TrainingMethod):
     name = "keep-masks"
 
     def __init__(self) -> None:
-        self.layers: dict[str, nn.Module] = {}
-        self.masks: dict[str, torch.Tensor] = {}
+        self.kept = KeptMasks({}, {})
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The keep-mask of every prunable layer, read from its weights at setup."""
+        return self.kept.masks
 
     def setup(self, model: nn.Module, *, total_steps: int, n_train: int) -> nn.Module:
-        self.layers = get_adapter(model).prunable_layers()
-        self.masks = {name: weight_view(layer) != 0 for name, layer in self.layers.items()}
+        self.kept = KeptMasks.from_weights(get_adapter(model).prunable_layers())
         return model
 
-    def _mask(self, name: str, device: torch.device) -> torch.Tensor:
-        if self.masks[name].device != device:
-            self.masks[name] = self.masks[name].to(device)
-        return self.masks[name]
-
     def after_backward(self, model: nn.Module, step: int) -> None:
-        with torch.no_grad():
-            for name, layer in self.layers.items():
-                grad = grad_view(layer)
-                if grad is not None:
-                    grad.mul_(self._mask(name, grad.device).to(grad.dtype))
+        self.kept.zero_grads()
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        with torch.no_grad():
-            for name, layer in self.layers.items():
-                weight = weight_view(layer)
-                weight.mul_(self._mask(name, weight.device).to(weight.dtype))
+        self.kept.apply()
 
     def finalize(self, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-        self.after_step(model, -1)
+        self.kept.apply()
         return model, {"method": self.name, **sparsity_facts(model)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {name: mask.cpu() for name, mask in self.masks.items()}}
+        return {"masks": self.kept.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.masks = {name: mask.to(self.masks[name].device) for name, mask in state["masks"].items()}
+        self.kept.load_state_dict(state["masks"])
 
 
 @dataclass
@@ -125,7 +104,7 @@ class LoraMerge(TrainingMethod):
 
         check_lora_rank(model, self.settings.rank)
         self.masks = masks_from_weights(model)
-        task_type = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
+        task_type = "SEQ_CLS" if model_head(model) == "classification" else "CAUSAL_LM"
         config = LoraConfig(r=self.settings.rank, lora_alpha=self.settings.alpha,
                             lora_dropout=self.settings.dropout,
                             target_modules=list(self.masks), task_type=task_type, bias="none")
@@ -143,7 +122,7 @@ def merge_lora(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     """Merge a peft LoRA model into plain weights and zero every weight that was pruned before."""
     merge: Any = getattr(model, "merge_and_unload", None)
     merged: nn.Module = merge() if merge is not None else model
-    apply_masks(merged, masks)
+    KeptMasks(get_adapter(merged).prunable_layers(), masks).apply()
     return merged
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,8 +314,78 @@ def build_datasets(tokenizer: Any, data: Any, config: TrainConfig, train_split: 
 
 
 def is_classifier(model: nn.Module) -> bool:
-    """True for a sequence-classification model (one score per class, not per token)."""
-    return type(model).__name__.endswith("ForSequenceClassification")
+    """True for a sequence-classification model (one score per class, not per token).
+
+    Asked of transformers' registry (:func:`prunekit.adapters.model_head`: an instance of the class
+    ``AutoModelForSequenceClassification`` builds for the model's config), not read from the class name;
+    a peft or DDP wrapper is looked through.
+    """
+    from prunekit.adapters.heads import model_head
+
+    base: Any = model
+    for _ in range(3):  # PeftModel -> LoraModel -> the model; DistributedDataParallel -> .module
+        unwrap = getattr(base, "get_base_model", None)
+        inner = unwrap() if callable(unwrap) else getattr(base, "module", None)
+        if not isinstance(inner, nn.Module) or inner is base:
+            break
+        base = inner
+    return model_head(base) == "classification"
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s', '12 min', '1.5 h': a rough duration for a person."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def describe_work(steps: int, config: TrainConfig, processes: int, n_train: int, causal_lm: bool,
+                  start_step: int = 0) -> str:
+    """One line saying how much work a run will do: optimiser steps, examples (and tokens) per step, in all.
+
+    ``steps`` is the step the run ends at, ``start_step`` the one it starts from (a resumed run).
+    """
+    per_step = config.batch_size * config.grad_accum * processes
+    parts = [str(config.batch_size)] + ([f"{config.grad_accum} accumulated"] if config.grad_accum > 1 else []) + (
+        [f"{processes} processes"] if processes > 1 else [])
+    batch = " x ".join(parts)
+    todo = steps - start_step
+    unit = "blocks" if causal_lm else "examples"
+    passes = f"{todo * per_step / max(1, n_train):.1f} passes over {n_train:,} {unit}"
+    resumed = f" (resuming at step {start_step})" if start_step else ""
+    if causal_lm:
+        tokens = per_step * config.seq_len
+        what = f"{batch} blocks x {config.seq_len} tokens = {tokens:,} tokens each, {todo * tokens:,} tokens in all"
+    else:
+        what = f"{batch} = {per_step:,} examples each" if len(parts) > 1 else f"{per_step:,} examples each"
+        what += f", {todo * per_step:,} examples in all"
+    return f"prunekit: training {todo:,} optimiser steps{resumed} of {what} ({passes})"
+
+
+class AnnounceTime(TrainerCallback):
+    """After the first optimiser step of a run, print what it took and what the whole run will take at that pace."""
+
+    def __init__(self, steps: int, print_fn: Any = print) -> None:
+        self.steps = steps  # the optimiser steps this run will take (after a resume: those left)
+        self.print_fn = print_fn
+        self.started: float | None = None
+        self.done = False
+
+    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.done or self.started is None:
+            return
+        self.done = True
+        seconds = time.perf_counter() - self.started
+        if state.is_world_process_zero:
+            steps = f"{self.steps:,} step{'s' if self.steps != 1 else ''}"
+            self.print_fn(f"prunekit: first step {seconds:.1f} s: about {format_duration(seconds * self.steps)} for "
+                          f"{steps} on this machine (plus evaluations)", flush=True)
 
 
 def train_model(model: nn.Module, tokenizer: Any, data: Any, *, method: TrainingMethod | None = None,
@@ -326,8 +397,6 @@ def train_model(model: nn.Module, tokenizer: Any, data: Any, *, method: Training
     Checkpoints go to ``checkpoint_dir``; ``resume`` continues from its newest one. Returns the
     finalised model (``method.finalize``) unless the run stopped early (``config.stop_after``).
     """
-    import time
-
     from prunekit.data import ClassificationData
     from prunekit.finetune.data import collator
 
@@ -368,6 +437,12 @@ def train_model(model: nn.Module, tokenizer: Any, data: Any, *, method: Training
         causal_lm=not classification)
     if checkpoint is not None:
         method.load_state_dict(torch.load(checkpoint / METHOD_STATE, map_location="cpu", weights_only=True))
+    if config.progress:
+        start_step = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else 0
+        end_step = min(total, config.stop_after) if config.stop_after is not None else total
+        if trainer.is_world_process_zero():
+            print(describe_work(end_step, config, processes, len(train), not classification, start_step), flush=True)
+        trainer.add_callback(AnnounceTime(max(1, end_step - start_step)))
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     seconds = time.perf_counter() - start

@@ -1,97 +1,82 @@
-"""Pruning methods and their registry: registering a method is one call.
+"""Pruning methods: one registry for every kind (one-shot, structured, training-aware).
 
-Two kinds of method:
+Each method lives in one module that declares its config dataclass and registers itself with
+:func:`prunekit.methods.registry.register`; adding a method is that module plus one line in
+:data:`BUILTIN_MODULES` (or an import of your own module before use). See docs/adding-a-method.md.
 
-- *layer-wise* (magnitude, random, wanda, sparsegpt): a :class:`~prunekit.methods.base.LayerwiseMethod`
-  subclass; the shared engine feeds it calibration inputs and asks it to prune each layer.
-  ``register_method(MyMethod)`` (usable as a class decorator).
-- *whole-model* (e.g. structured removal of heads, neurons or blocks): a function
-  ``fn(model, config, calibration, device, progress) -> dict`` that changes the model in place and
-  returns facts for the record. ``register_whole_model_method(name, fn, description, needs_calibration)``.
+    from prunekit.methods import get_method, method_config
+    config = method_config("wanda", sparsity=0.5)          # a frozen WandaConfig, validated
+    get_method("gmp").kind                                   # "training"
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import importlib
+from typing import Any
 
 from prunekit.errors import PrunekitError
-from prunekit.methods.base import LayerwiseMethod
-from prunekit.methods.magnitude import MagnitudeMethod
-from prunekit.methods.random_method import RandomMethod
-from prunekit.methods.sparsegpt import SparseGPTMethod
-from prunekit.methods.wanda import WandaMethod
-from prunekit.utils import import_optional
+from prunekit.methods.registry import KINDS, MethodConfig, MethodSpec, register, registered, setting
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from prunekit.pruning import PruneConfig
-
-WholeModelFn = Callable[["nn.Module", "PruneConfig", "torch.Tensor | None", "torch.device", bool], dict[str, Any]]
-
-# modules that register more methods when imported (absent ones are skipped)
-PLUGIN_MODULES = ("prunekit.methods.structured",)
+# the modules of the built-in methods, imported (and so registered) on first use of the registry
+BUILTIN_MODULES = ("prunekit.methods.magnitude", "prunekit.methods.random_method", "prunekit.methods.wanda",
+                   "prunekit.methods.sparsegpt", "prunekit.methods.structured", "prunekit.methods.gradual",
+                   "prunekit.methods.flop")
 
 
-@dataclass(frozen=True)
-class MethodInfo:
-    """One registered method: its kind, what it needs and which PruneConfig settings it reads."""
-
-    name: str
-    kind: str  # "layer-wise" or "whole-model"
-    description: str
-    needs_calibration: bool
-    settings: tuple[str, ...]
-    layerwise: type[LayerwiseMethod] | None = None
-    fn: WholeModelFn | None = None
-    calibration_rule: Callable[[Any], bool] | None = None  # decides needs_calibration per config when given
+def _load_builtin() -> None:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
-_REGISTRY: dict[str, MethodInfo] = {}
+def available_methods(kind: str | None = None) -> list[MethodSpec]:
+    """Every registered method (of one kind, if given), built-in ones first."""
+    _load_builtin()
+    if kind is not None and kind not in KINDS:
+        raise PrunekitError(f"unknown method kind '{kind}': use one of {', '.join(KINDS)}")
+    order = {module: i for i, module in enumerate(BUILTIN_MODULES)}
+    specs = [spec for spec in registered().values() if kind is None or spec.kind == kind]
+    position = {spec.name: i for i, spec in enumerate(specs)}  # registration order breaks ties
+    return sorted(specs, key=lambda spec: (KINDS.index(spec.kind),
+                                           order.get(getattr(spec.implementation, "__module__", ""), len(order)),
+                                           position[spec.name]))
 
 
-def register_method(cls: type[LayerwiseMethod]) -> type[LayerwiseMethod]:
-    """Register a layer-wise method class under ``cls.name`` (later registrations win)."""
-    _REGISTRY[cls.name] = MethodInfo(cls.name, "layer-wise", cls.description, cls.needs_calibration,
-                                     tuple(cls.settings), layerwise=cls)
-    return cls
+def get_method(name: str, kinds: tuple[str, ...] = KINDS) -> MethodSpec:
+    """The method ``name``, or a one-line error listing the methods of the kinds wanted."""
+    _load_builtin()
+    spec = registered().get(name)
+    if spec is None:
+        known = ", ".join(s.name for s in available_methods() if s.kind in kinds)
+        raise PrunekitError(f"unknown method '{name}': use one of {known}")
+    if spec.kind not in kinds:
+        where = "prunekit train" if spec.kind == "training" else "prunekit prune"
+        raise PrunekitError(f"{name} is a {spec.kind} method: run it with {where}")
+    return spec
 
 
-def register_whole_model_method(name: str, fn: WholeModelFn, description: str, needs_calibration: bool,
-                                settings: tuple[str, ...] = ("ratio", "remove", "importance"),
-                                calibration_rule: Callable[[Any], bool] | None = None) -> None:
-    """Register a function that prunes a whole model in place: ``fn(model, config, calibration, device, progress)``.
-
-    ``calibration_rule(config)``, when given, says whether this config needs calibration data (e.g. not
-    for magnitude importance); ``needs_calibration`` is what listings show.
-    """
-    _REGISTRY[name] = MethodInfo(name, "whole-model", description, needs_calibration, tuple(settings), fn=fn,
-                                 calibration_rule=calibration_rule)
+def method_config(name: str, **settings: Any) -> MethodConfig:
+    """The validated config of method ``name`` from keyword settings, e.g. ``method_config("wanda", sparsity=0.5)``."""
+    return get_method(name).make_config(settings)
 
 
-def _load_plugins() -> None:
-    import_optional(PLUGIN_MODULES)
+def config_for(value: MethodConfig | dict[str, Any], kinds: tuple[str, ...] = KINDS) -> tuple[MethodSpec,
+                                                                                             MethodConfig]:
+    """(spec, config) from a config object or a dict with a ``method`` key (e.g. YAML, the README's example)."""
+    if isinstance(value, MethodConfig):
+        if not type(value).method:
+            raise PrunekitError(f"{type(value).__name__} belongs to no registered method: register it first")
+        spec = get_method(type(value).method, kinds)
+        return spec, spec.make_config(value)
+    if not isinstance(value, dict):
+        raise PrunekitError(f"a method config must be a MethodConfig or a dict with a 'method' key, not "
+                            f"{type(value).__name__}")
+    settings = dict(value)
+    name = settings.pop("method", None)
+    if not name:
+        raise PrunekitError("the settings name no method: add 'method' (e.g. {'method': 'wanda', 'sparsity': 0.5})")
+    spec = get_method(str(name), kinds)
+    return spec, spec.make_config(settings)
 
 
-def available_methods() -> list[MethodInfo]:
-    """Every registered method, in registration order."""
-    _load_plugins()
-    return list(_REGISTRY.values())
-
-
-def get_method(name: str) -> MethodInfo:
-    """The registered method ``name``, or a PrunekitError that lists the known ones."""
-    _load_plugins()
-    if name not in _REGISTRY:
-        raise PrunekitError(f"unknown method '{name}': use one of {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
-
-
-for _cls in (MagnitudeMethod, RandomMethod, WandaMethod, SparseGPTMethod):
-    register_method(_cls)
-
-__all__ = ["LayerwiseMethod", "MagnitudeMethod", "MethodInfo", "RandomMethod", "SparseGPTMethod", "WandaMethod",
-           "available_methods", "get_method", "register_method", "register_whole_model_method"]
+__all__ = ["KINDS", "MethodConfig", "MethodSpec", "available_methods", "config_for", "get_method", "method_config",
+           "register", "setting"]

@@ -1,49 +1,118 @@
-"""The contract of a layer-wise (one-shot) pruning method.
+"""The contracts of pruning methods and the settings they share.
 
-A method sees one *input stream* at a time: the engine (prunekit.calibration) creates one instance per
-group of layers that read the same input tensor (q/k/v of an attention, gate/up of a gated MLP), feeds it
-the calibration inputs with :meth:`LayerwiseMethod.add_batch`, then calls :meth:`LayerwiseMethod.prune`
-once per layer of the group. A method knows nothing of model families or blocks.
+* :class:`EngineConfig`: settings of the block-by-block engine, shared by every one-shot and
+  structured method (calibration samples per forward).
+* :class:`SparsityConfig`: what every layer-wise one-shot method takes on top (sparsity, N:M
+  structure, per-block allocation uniform or OWL, which layers by include/exclude patterns).
+* :class:`LayerwiseMethod`: a one-shot method sees one *input stream* at a time: the engine
+  (prunekit.calibration) creates one instance per group of layers that read the same input tensor
+  (q/k/v of an attention, gate/up of a gated MLP), feeds it the calibration inputs with
+  :meth:`LayerwiseMethod.add_batch`, then calls :meth:`LayerwiseMethod.prune` once per layer.
+* :class:`TrainingMethod`: hooks around each optimiser step of prunekit's trainer.
+
+Methods know nothing of model families or blocks: adapters name the layers.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from prunekit.masks import Structure
+from prunekit.errors import PrunekitError
+from prunekit.masks import Structure, parse_structure
+from prunekit.methods.registry import MethodConfig, setting
 
-if TYPE_CHECKING:
-    from prunekit.pruning import PruneConfig
+
+@dataclass(frozen=True)
+class EngineConfig(MethodConfig):
+    """Settings of the block-by-block engine that every one-shot and structured method shares."""
+
+    micro_batch_size: int = setting(8, "calibration samples per forward in the block-by-block engine")
+
+    def check(self) -> None:
+        super().check()
+        if self.micro_batch_size < 1:
+            raise PrunekitError(f"{self.method}: micro_batch_size {self.micro_batch_size} must be at least 1")
+
+
+@dataclass(frozen=True)
+class SparsityConfig(EngineConfig):
+    """Sparsity, structure and per-block allocation: the settings of every layer-wise one-shot method."""
+
+    sparsity: float | None = setting(None, "fraction of weights to remove, e.g. 0.5 (implied by an N:M structure)")
+    structure: str = setting("unstructured", "unstructured, or N:M such as 2:4 (N of every M inputs pruned)")
+    allocation: str = setting("uniform", "sparsity per block: uniform, or owl (outlier-weighted, reads calibration)",
+                              choices=("uniform", "owl"))
+    owl_m: float = setting(5.0, "owl: a score is an outlier above owl_m x its block's mean score")
+    owl_lambda: float = setting(0.08, "owl: block sparsities spread over 2 x owl_lambda")
+    include: list[str] | None = setting(None, "fnmatch patterns of full layer names to prune (comma-separated); "
+                                              "default every block linear")
+    exclude: list[str] | None = setting(None, "fnmatch patterns of full layer names to keep (comma-separated)")
+
+    def check(self) -> None:
+        super().check()
+        structure = self.structure_spec()
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise PrunekitError(f"sparsity {self.sparsity} is outside [0, 1): use a fraction such as 0.5")
+        if self.allocation == "owl" and structure.is_nm:
+            raise PrunekitError("owl allocation varies the sparsity per block, which N:M fixes: use unstructured")
+        if not (self.owl_m > 0 and self.owl_lambda >= 0):
+            raise PrunekitError("owl_m must be positive and owl_lambda non-negative (defaults 5 and 0.08)")
+        if structure.is_nm and self.sparsity is not None and abs(self.sparsity - (structure.sparsity or 0.0)) > 1e-9:
+            raise PrunekitError(f"sparsity {self.sparsity:g} contradicts structure {structure} (which prunes "
+                                f"{structure.sparsity:g}): drop --sparsity or use unstructured")
+
+    def structure_spec(self) -> Structure:
+        """The parsed ``structure`` (unstructured or N:M)."""
+        return parse_structure(self.structure)
+
+    def target_sparsity(self) -> float:
+        """The sparsity asked for: given, or implied by N:M."""
+        structure = self.structure_spec()
+        if structure.is_nm:
+            return structure.sparsity or 0.0
+        if self.sparsity is None:
+            raise PrunekitError(f"method {self.method} needs a sparsity: pass --sparsity (e.g. 0.5) or --structure 2:4")
+        return float(self.sparsity)
+
+    def ready(self) -> None:
+        self.target_sparsity()
+
+    def needs_calibration(self) -> bool:
+        return self.allocation == "owl"
+
+
+@dataclass(frozen=True)
+class CompareConfig(SparsityConfig):
+    """Layer-wise methods whose scores may be compared per row, per layer or (magnitude) across layers."""
+
+    compare: str = setting("row", "which weights compete: row (each output row), layer, or global")
+
+    def check(self) -> None:
+        super().check()
+        allowed = type(self).__dataclass_fields__["compare"].metadata.get("choices")
+        if allowed and self.compare not in allowed:  # pragma: no cover - the field's choices check first
+            raise PrunekitError(f"{self.method} compares by {' or '.join(allowed)}, not '{self.compare}'")
+        if self.allocation == "owl" and self.compare == "global":
+            raise PrunekitError("owl allocation and a global comparison both set per-layer sparsity: choose one")
 
 
 class LayerwiseMethod:
     """Collect statistics from a layer's inputs, then prune the layer.
 
-    Subclasses set the class attributes and implement :meth:`prune`; methods that need calibration
-    also implement :meth:`add_batch`. ``settings`` names the PruneConfig fields the method reads
-    (listed by ``prunekit methods``); ``compares`` the allowed values of ``compare`` (first = default).
+    Subclasses implement :meth:`prune`; methods that need calibration also implement :meth:`add_batch`
+    and return True from their config's ``needs_calibration``.
     """
 
-    name: ClassVar[str] = "base"
-    description: ClassVar[str] = ""
-    needs_calibration: ClassVar[bool] = True
-    settings: ClassVar[tuple[str, ...]] = ("sparsity", "structure", "allocation", "include", "exclude")
-    compares: ClassVar[tuple[str, ...]] = ("row",)
-
-    def __init__(self, config: PruneConfig, in_features: int, key: str = "") -> None:
+    def __init__(self, config: Any, in_features: int, key: str = "") -> None:
         """``key`` names the input stream (the full name of its first layer), e.g. to derive a seed."""
         self.config = config
         self.in_features = in_features
         self.key = key
         self.n_tokens = 0
-
-    @classmethod
-    def default_compare(cls) -> str:
-        """The comparison used when the config names none."""
-        return cls.compares[0]
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Accumulate statistics from one micro-batch of layer inputs shaped (..., in_features)."""
@@ -54,16 +123,57 @@ class LayerwiseMethod:
         raise NotImplementedError
 
     @classmethod
-    def whole_model_masks(cls, layers: dict[str, nn.Module], sparsity: float, config: PruneConfig
+    def whole_model_masks(cls, layers: dict[str, nn.Module], sparsity: float, config: Any
                           ) -> dict[str, torch.Tensor] | None:
         """Masks for all layers at once (e.g. a global magnitude comparison), or None to go layer by layer."""
         return None
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly facts about this input stream (method, tokens seen)."""
-        return {"method": self.name, "tokens": self.n_tokens}
+        return {"method": self.config.method, "tokens": self.n_tokens}
 
 
 def flat_inputs(inputs: torch.Tensor) -> torch.Tensor:
     """A layer input as float32 rows (tokens, in_features)."""
     return inputs.reshape(-1, inputs.shape[-1]).float()
+
+
+class TrainingMethod:
+    """Hooks called by the trainer (prunekit.finetune), in this order each step:
+
+    ``extra_loss`` (added to the task loss before backward) -> backward -> ``after_backward``
+    (gradients present, before the optimiser step) -> optimiser step -> ``after_step``.
+    ``setup`` runs once before training (it may replace layers and returns the model to train);
+    ``finalize`` once after (it returns the exportable model and facts for the prunekit record).
+    ``state_dict``/``load_state_dict`` make a run resumable from a checkpoint.
+    """
+
+    name: ClassVar[str] = "none"
+
+    def setup(self, model: nn.Module, *, total_steps: int, n_train: int) -> nn.Module:
+        return model
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Extra optimiser parameter groups (e.g. gates with their own learning rate).
+
+        Parameters listed here are left out of the trainer's main groups.
+        """
+        return []
+
+    def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        return None
+
+    def finalize(self, model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+        return model, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None

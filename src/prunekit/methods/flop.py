@@ -35,18 +35,56 @@ layers, which plain ``from_pretrained`` reloads (same outputs, no speed-up).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from prunekit.adapters import get_adapter, weight_view
+from prunekit.adapters import get_adapter, make_linear_like, weight_view
 from prunekit.errors import PrunekitError
-from prunekit.finetune.hooks import TrainingMethod
+from prunekit.methods.base import TrainingMethod
+from prunekit.methods.registry import MethodConfig, register, setting
+from prunekit.methods.schedule import steps_setting
 
 LEFT, RIGHT, BETA = -0.1, 1.1, 2.0 / 3.0
+
+
+@dataclass(frozen=True)
+class FlopConfig(MethodConfig):
+    """Settings of FLOP (see the module docstring for why the defaults depart from the paper's code)."""
+
+    sparsity: float = setting(0.9, "target fraction of the block linears' parameters to remove, in [0, 1)")
+    warmup_steps: int | float | None = setting(None, "steps over which the target ramps up, or a fraction of the "
+                                                     "run if < 1 (default half the run)")
+    gate_lr: float | None = setting(None, "learning rate of the gates (default 0.2)", cli=False)
+    gate_lr_scale: float | None = setting(None, "gate learning rate as a multiple of --lr, instead of gate_lr",
+                                          cli=False)
+    lambda_lr: float = setting(0.05, "learning rate of the Lagrange multipliers", cli=False)
+    rank: int | str = setting("param", "rank of the factorisation: param (keeps the parameter count), full, or N",
+                              cli=False)
+    beta: float = setting(BETA, "hard-concrete temperature", cli=False)
+    left: float = setting(LEFT, "hard-concrete stretch, left end (< 0)", cli=False)
+    right: float = setting(RIGHT, "hard-concrete stretch, right end (> 1)", cli=False)
+    drop_init: float = setting(0.01, "initial drop probability of each gate", cli=False)
+    fold: bool = setting(False, "multiply the factors back into dense layers (plain from_pretrained reloads them; "
+                                "no speed-up)", cli=False)
+    ramp_from: str = setting("initial", "start of the target ramp: initial (the gates' expected sparsity) or zero",
+                             choices=("initial", "zero"), cli=False)
+    lambda_optimizer: str = setting("adam", "optimiser of the multipliers", choices=("adam", "sgd"), cli=False)
+    anti_windup: bool = setting(True, "reset λ1 when the expected sparsity crosses the target", cli=False)
+
+    def check(self) -> None:
+        super().check()
+        if not 0.0 <= self.sparsity < 1.0:
+            raise PrunekitError(f"--sparsity {self.sparsity} is outside [0, 1): give a fraction such as 0.7")
+        if not (self.left < 0.0 and self.right > 1.0 and self.beta > 0.0 and 0.0 < self.drop_init < 1.0):
+            raise PrunekitError("hard-concrete settings need left < 0, right > 1, beta > 0 and 0 < drop_init < 1 "
+                                "(defaults -0.1, 1.1, 2/3 and 0.01)")
+        if not (self.rank in ("param", "full") or (isinstance(self.rank, int) and self.rank >= 1)):
+            raise PrunekitError(f"FLOP rank '{self.rank}' is not valid: use param, full or a positive integer")
+        object.__setattr__(self, "warmup_steps", steps_setting(self.warmup_steps, "--warmup-steps"))
 
 
 # ---- hard-concrete gates ---------------------------------------------------------------------------
@@ -96,22 +134,6 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def dense_layer(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool) -> nn.Module:
-    """A plain layer with ``weight`` (out, in): nn.Linear, or GPT-2's Conv1D (stored (in, out))."""
-    out_features, in_features = weight.shape
-    layer: nn.Module
-    if conv1d:
-        layer = Conv1D(out_features, in_features)
-        layer.weight = nn.Parameter(weight.t().contiguous())
-        layer.bias = nn.Parameter(bias.clone() if bias is not None else torch.zeros(out_features, dtype=weight.dtype))
-    else:
-        layer = nn.Linear(in_features, out_features, bias=bias is not None, dtype=weight.dtype)
-        layer.weight = nn.Parameter(weight.contiguous())
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.clone())
-    return layer.to(weight.device)
-
-
 class FactorizedLinear(nn.Module):
     """W = P·diag(z)·Q with hard-concrete gates z: sampled in training, deterministic in eval mode."""
 
@@ -120,7 +142,7 @@ class FactorizedLinear(nn.Module):
         super().__init__()
         weight = weight_view(layer).detach()
         self.out_features, self.in_features = weight.shape
-        self.conv1d = isinstance(layer, Conv1D)
+        self.layer_kind: type[nn.Module] = type(layer)  # what compiled(fold=True) builds again
         self.beta, self.left, self.right = beta, left, right
         full = min(self.in_features, self.out_features)
         if rank == "full":
@@ -166,7 +188,7 @@ class FactorizedLinear(nn.Module):
             n = len(keep)
             bias = self.bias.detach() if self.bias is not None else None
             if fold or n * (self.in_features + self.out_features) >= self.in_features * self.out_features:
-                return dense_layer(p @ q, bias, self.conv1d)
+                return make_linear_like(p @ q, bias, like=self.layer_kind)
             layer = LowRankLinear(self.in_features, self.out_features, n, bias=bias is not None)
             layer.q.weight = nn.Parameter(q.clone().contiguous())
             layer.p.weight = nn.Parameter(p.clone().contiguous())
@@ -181,6 +203,9 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 # ---- the training method ---------------------------------------------------------------------------------
+@register("flop", kind="training", config=FlopConfig,
+          description="FLOP: factorise every block linear, learn L0 gates on its rank-1 parts toward a target "
+                      "sparsity, keep small dense factors")
 class FlopMethod(TrainingMethod):
     """Factorise, learn gates toward a target sparsity, then make each layer small (see the module docstring).
 
@@ -190,22 +215,15 @@ class FlopMethod(TrainingMethod):
 
     name = "flop"
 
-    def __init__(self, sparsity: float, warmup_steps: int | float | None = None, lr: float = 5e-5,
-                 gate_lr: float | None = None, gate_lr_scale: float | None = None, lambda_lr: float = 0.05,
-                 rank: int | str = "param", beta: float = BETA, left: float = LEFT, right: float = RIGHT,
-                 drop_init: float = 0.01, fold: bool = False, seed: int = 0, ramp_from: str = "initial",
-                 lambda_optimizer: str = "adam", anti_windup: bool = True) -> None:
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise PrunekitError(f"--sparsity {sparsity} is outside [0, 1): give a fraction such as 0.7")
-        if not (left < 0.0 and right > 1.0 and beta > 0.0 and 0.0 < drop_init < 1.0):
-            raise PrunekitError("hard-concrete settings need left < 0, right > 1, beta > 0 and 0 < drop_init < 1 "
-                                "(defaults -0.1, 1.1, 2/3 and 0.01)")
-        if not (rank in ("param", "full") or (isinstance(rank, int) and rank >= 1)):
-            raise PrunekitError(f"FLOP rank '{rank}' is not valid: use param, full or a positive integer")
-        if ramp_from not in ("initial", "zero"):
-            raise PrunekitError(f"FLOP ramp_from '{ramp_from}' is not valid: use initial or zero")
-        if lambda_optimizer not in ("adam", "sgd"):
-            raise PrunekitError(f"FLOP lambda_optimizer '{lambda_optimizer}' is not valid: use adam or sgd")
+    def __init__(self, sparsity: float = 0.9, *, lr: float = 5e-5, seed: int = 0, **settings: Any) -> None:
+        """``sparsity`` and the other fields of :class:`FlopConfig`; ``lr`` (the trainer's, for
+        ``gate_lr_scale``) and ``seed`` come from the run."""
+        config = FlopConfig(sparsity=sparsity, **settings)
+        self.config = config
+        warmup_steps, gate_lr, gate_lr_scale = config.warmup_steps, config.gate_lr, config.gate_lr_scale
+        lambda_lr, rank, beta, left, right = config.lambda_lr, config.rank, config.beta, config.left, config.right
+        drop_init, fold, ramp_from = config.drop_init, config.fold, config.ramp_from
+        lambda_optimizer, anti_windup = config.lambda_optimizer, config.anti_windup
         self.target = float(sparsity)
         self.ramp_from, self.lambda_optimizer_name = ramp_from, lambda_optimizer
         self.anti_windup = bool(anti_windup)
@@ -363,13 +381,3 @@ class FlopMethod(TrainingMethod):
         with torch.no_grad():
             self.lambdas.copy_(state["lambdas"])
         self.lambda_optimizer.load_state_dict(state["lambda_optimizer"])
-
-
-def _register() -> None:
-    """Add ``flop`` to the training methods (the registry imports this module as a plugin)."""
-    from prunekit.methods.gradual import TRAINING_METHODS
-
-    TRAINING_METHODS["flop"] = FlopMethod
-
-
-_register()

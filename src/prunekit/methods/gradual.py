@@ -15,31 +15,83 @@ score that decides which weights stay, and in what they add to the gradients:
 
 from __future__ import annotations
 
-import inspect
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from prunekit.adapters import get_adapter, weight_view
+from prunekit.adapters import get_adapter, grad_view, weight_view
 from prunekit.errors import PrunekitError
-from prunekit.finetune.hooks import TrainingMethod
-from prunekit.masks import global_masks, layer_mask, layer_report
-from prunekit.methods.schedule import CubicSchedule, resolve_steps
-from prunekit.utils import import_optional
+from prunekit.masks import KeptMasks, global_masks, layer_mask, layer_report, total_sparsity
+from prunekit.methods.base import TrainingMethod
+from prunekit.methods.registry import MethodConfig, register, setting
+from prunekit.methods.schedule import CubicSchedule, resolve_steps, steps_setting
 
 COMPARES = ("global", "layer")
 
 
-def grad_view(layer: nn.Module) -> torch.Tensor | None:
-    """The layer's weight gradient as (out_features, in_features), or None before backward."""
-    weight: Any = layer.weight
-    grad: torch.Tensor | None = weight.grad
-    if grad is None:
-        return None
-    return grad.t() if isinstance(layer, Conv1D) else grad
+@dataclass(frozen=True)
+class GradualConfig(MethodConfig):
+    """Settings of the cubic schedule shared by gmp, movement and mgpp."""
+
+    sparsity: float = setting(0.9, "final sparsity s_f of the block weights, in [0, 1)")
+    initial_sparsity: float = setting(0.0, "s_i, the sparsity when pruning starts")
+    warmup_steps: int | float | None = setting(None, "t_i: steps before pruning starts, or a fraction of the run "
+                                                     "if < 1 (default 0.1)")
+    final_steps: int | float | None = setting(None, "t_f: last steps with the mask frozen, or a fraction of the run "
+                                                    "if < 1 (default 0.2)")
+    update_every: int = setting(10, "steps between mask updates")
+    compare: str = setting("global", "one threshold over all layers (global) or one per layer", choices=COMPARES)
+
+    def check(self) -> None:
+        super().check()
+        if not 0.0 <= self.sparsity < 1.0:
+            raise PrunekitError(f"--sparsity {self.sparsity} is outside [0, 1): give a fraction such as 0.9")
+        if not 0.0 <= self.initial_sparsity <= self.sparsity:
+            raise PrunekitError(f"--initial-sparsity {self.initial_sparsity} must lie in [0, sparsity]")
+        if self.update_every < 1:
+            raise PrunekitError(f"--update-every {self.update_every} must be at least 1")
+        for name in ("warmup_steps", "final_steps"):
+            object.__setattr__(self, name, steps_setting(getattr(self, name), f"--{name.replace('_', '-')}"))
+
+
+@dataclass(frozen=True)
+class GMPConfig(GradualConfig):
+    """Gradual magnitude pruning."""
+
+
+@dataclass(frozen=True)
+class MovementConfig(GradualConfig):
+    """Movement pruning."""
+
+
+@dataclass(frozen=True)
+class MGPPConfig(GradualConfig):
+    """MGPP: the schedule, one global threshold, and the spike-and-slab prior (VARIANCES sigma0 < sigma1)."""
+
+    compare: str = setting("global", "mgpp compares all layers with one threshold", choices=("global",))
+    sigma0: float = setting(1e-10, "spike VARIANCE σ0²")
+    sigma1: float = setting(0.05, "slab VARIANCE σ1²")
+    prior_lambda: float = setting(0.1, "slab weight λ, annealed over the pruning phase")
+    alpha_initial: float = setting(1.0, "λ annealing factor at the start of pruning", cli=False)
+    alpha_final: float = setting(0.001, "λ annealing factor at the end of pruning", cli=False)
+
+    def check(self) -> None:
+        super().check()
+        if not (0 < self.sigma0 < self.sigma1):
+            raise PrunekitError(f"--sigma0 {self.sigma0} and --sigma1 {self.sigma1} must be variances with "
+                                "0 < sigma0 < sigma1 (e.g. 1e-10 and 0.05)")
+        if not 0 < self.prior_lambda < 1:
+            raise PrunekitError(f"--prior-lambda {self.prior_lambda} must lie in (0, 1), e.g. 0.1")
+        if not (0 < self.alpha_final <= self.alpha_initial <= 1 / self.prior_lambda):
+            raise PrunekitError("the λ annealing factors need 0 < alpha_final <= alpha_initial (e.g. 0.001 and 1)")
+
+
+@dataclass(frozen=True)
+class DenseConfig(MethodConfig):
+    """Plain fine-tuning takes no pruning settings."""
 
 
 class GradualPruning(TrainingMethod):
@@ -50,22 +102,21 @@ class GradualPruning(TrainingMethod):
     """
 
     name = "gradual"
-    compares: ClassVar[tuple[str, ...]] = COMPARES
 
-    def __init__(self, sparsity: float, initial_sparsity: float = 0.0, warmup_steps: int | float | None = None,
-                 final_steps: int | float | None = None, update_every: int = 10, compare: str = "global") -> None:
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise PrunekitError(f"--sparsity {sparsity} is outside [0, 1): give a fraction such as 0.9")
-        if compare not in self.compares:
-            raise PrunekitError(f"{self.name} compares scores {' or '.join(self.compares)}, not '{compare}'")
-        self.target = float(sparsity)
-        self.initial_sparsity = float(initial_sparsity)
-        self.warmup_setting = warmup_steps
-        self.final_setting = final_steps
-        self.update_every = int(update_every)
-        self.compare = compare
+    config_class: ClassVar[type[GradualConfig]] = GradualConfig
+
+    def __init__(self, sparsity: float = 0.9, **settings: Any) -> None:
+        """``sparsity`` and the other fields of :attr:`config_class` (validated there)."""
+        config = self.config_class(sparsity=sparsity, **settings)
+        self.config = config
+        self.target = config.sparsity
+        self.initial_sparsity = config.initial_sparsity
+        self.warmup_setting = config.warmup_steps
+        self.final_setting = config.final_steps
+        self.update_every = config.update_every
+        self.compare = config.compare
         self.layers: dict[str, nn.Module] = {}
-        self.masks: dict[str, torch.Tensor] = {}
+        self.kept = KeptMasks({}, {})
         self.schedule: CubicSchedule | None = None
         self.current_sparsity = 0.0
         self.updates = 0
@@ -79,15 +130,13 @@ class GradualPruning(TrainingMethod):
         self.layers = get_adapter(model).prunable_layers()
         if not self.layers:
             raise PrunekitError(f"{self.name}: the model has no prunable linear layers in its blocks")
-        self.masks = {name: torch.ones_like(weight_view(layer), dtype=torch.bool)
-                      for name, layer in self.layers.items()}
+        self.kept = KeptMasks.all_kept(self.layers)
         self.n_train = int(n_train)
         return model
 
     def settings(self) -> dict[str, Any]:
-        """The method's own settings, for the prunekit record."""
-        return {"sparsity": self.target, "initial_sparsity": self.initial_sparsity, "update_every": self.update_every,
-                "compare": self.compare}
+        """The method's resolved settings, for the prunekit record."""
+        return self.config.to_dict()
 
     # ---- scores and masks ----------------------------------------------------------------
     def scores(self) -> dict[str, torch.Tensor]:
@@ -112,26 +161,22 @@ class GradualPruning(TrainingMethod):
         """Called before a layer's mask is replaced (movement keeps pruned values aside here)."""
         return None
 
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The current keep-mask of every prunable layer (held and enforced by :attr:`kept`)."""
+        return self.kept.masks
+
     def mask_on(self, name: str, device: torch.device) -> torch.Tensor:
         """The layer's mask, moved (once) to ``device`` when the trainer moved the model."""
-        if self.masks[name].device != device:
-            self.masks[name] = self.masks[name].to(device)
-        return self.masks[name]
+        return self.kept.on(name, device)
 
     def apply_masks(self) -> None:
         """Zero every pruned weight in place."""
-        with torch.no_grad():
-            for name, layer in self.layers.items():
-                weight = weight_view(layer)
-                weight.mul_(self.mask_on(name, weight.device).to(dtype=weight.dtype))
+        self.kept.apply()
 
     def zero_pruned_grads(self) -> None:
         """Pruned weights get no gradient (so only Adam's old momentum could move them; after_step undoes that)."""
-        with torch.no_grad():
-            for name, layer in self.layers.items():
-                grad = grad_view(layer)
-                if grad is not None:
-                    grad.mul_(self.mask_on(name, grad.device).to(dtype=grad.dtype))
+        self.kept.zero_grads()
 
     # ---- hooks ---------------------------------------------------------------------------
     def after_backward(self, model: nn.Module, step: int) -> None:
@@ -149,41 +194,40 @@ class GradualPruning(TrainingMethod):
         assert self.schedule is not None, "setup() was not called"
         self.apply_masks()
         report = layer_report(self.layers)
-        total = sum(int(entry["params"]) for entry in report.values())  # type: ignore[call-overload]
-        nonzero = sum(int(entry["nonzero"]) for entry in report.values())  # type: ignore[call-overload]
         facts = {"method": self.name, "method_settings": self.settings(), "schedule": self.schedule.describe(),
-                 "target_sparsity": self.target, "sparsity": 1.0 - nonzero / max(1, total),
+                 "target_sparsity": self.target, "sparsity": total_sparsity(report),
                  "mask_updates": self.updates, "layers": report}
         return model, facts
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": {name: mask.cpu() for name, mask in self.masks.items()},
-                "current_sparsity": self.current_sparsity, "updates": self.updates}
+        return {"masks": self.kept.state_dict(), "current_sparsity": self.current_sparsity, "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, mask in state["masks"].items():
-            if name not in self.masks:
-                raise PrunekitError(f"the checkpoint has a mask for '{name}', which this model lacks: "
-                                    "resume with the same model and settings")
-            self.masks[name] = mask.to(self.masks[name].device)
+        self.kept.load_state_dict(state["masks"])
         self.current_sparsity = float(state["current_sparsity"])
         self.updates = int(state["updates"])
 
 
+@register("gmp", kind="training", config=GMPConfig,
+          description="gradual magnitude pruning (Zhu & Gupta 2017) on a cubic schedule, global or per layer")
 class GMP(GradualPruning):
     """Gradual magnitude pruning (Zhu & Gupta 2017): keep the largest |θ|, globally or per layer."""
 
     name = "gmp"
+    config_class = GMPConfig
 
     def scores(self) -> dict[str, torch.Tensor]:
         return {name: weight_view(layer).abs() for name, layer in self.layers.items()}
 
 
+@register("movement", kind="training", config=MovementConfig,
+          description="movement pruning (Sanh et al. 2020): keep the weights moving away from zero")
 class Movement(GradualPruning):
     """Movement pruning (Sanh et al. 2020): S = −Σ θ·∂L/∂θ over steps; weights moving away from zero stay."""
 
     name = "movement"
+    config_class = MovementConfig
 
     def setup(self, model: nn.Module, *, total_steps: int, n_train: int) -> nn.Module:
         model = super().setup(model, total_steps=total_steps, n_train=n_train)
@@ -247,6 +291,8 @@ def prior_gradient(theta: torch.Tensor, prior_lambda: float, sigma0: float, sigm
     return (work * (spike / sigma0 + (1.0 - spike) / sigma1) / n).to(theta.dtype)
 
 
+@register("mgpp", kind="training", config=MGPPConfig,
+          description="magnitude pruning under a mixture Gaussian (spike-and-slab) prior, one global threshold")
 class MGPP(GradualPruning):
     """Magnitude pruning under a mixture Gaussian prior: prior gradient + ONE global magnitude threshold.
 
@@ -255,28 +301,18 @@ class MGPP(GradualPruning):
     """
 
     name = "mgpp"
-    compares = ("global",)
+    config_class = MGPPConfig
 
-    def __init__(self, sparsity: float, initial_sparsity: float = 0.0, warmup_steps: int | float | None = None,
-                 final_steps: int | float | None = None, update_every: int = 10, compare: str = "global",
-                 sigma0: float = 1e-10, sigma1: float = 0.05, prior_lambda: float = 0.1, alpha_initial: float = 1.0,
-                 alpha_final: float = 0.001) -> None:
-        super().__init__(sparsity, initial_sparsity, warmup_steps, final_steps, update_every, compare)
-        if not (0 < sigma0 < sigma1):
-            raise PrunekitError(f"--sigma0 {sigma0} and --sigma1 {sigma1} must be variances with 0 < sigma0 < sigma1 "
-                                "(e.g. 1e-10 and 0.05)")
-        if not 0 < prior_lambda < 1:
-            raise PrunekitError(f"--prior-lambda {prior_lambda} must lie in (0, 1), e.g. 0.1")
-        if not (0 < alpha_final <= alpha_initial <= 1 / prior_lambda):
-            raise PrunekitError("the λ annealing factors need 0 < alpha_final <= alpha_initial (e.g. 0.001 and 1)")
-        self.sigma0, self.sigma1 = float(sigma0), float(sigma1)
-        self.prior_lambda = float(prior_lambda)
-        self.alpha_initial, self.alpha_final = float(alpha_initial), float(alpha_final)
+    def __init__(self, sparsity: float = 0.9, **settings: Any) -> None:
+        super().__init__(sparsity, **settings)
+        config = self.config
+        assert isinstance(config, MGPPConfig)
+        self.sigma0, self.sigma1 = config.sigma0, config.sigma1
+        self.prior_lambda = config.prior_lambda
+        self.alpha_initial, self.alpha_final = config.alpha_initial, config.alpha_final
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "sigma0": self.sigma0, "sigma1": self.sigma1, "prior_lambda": self.prior_lambda,
-                "alpha_initial": self.alpha_initial, "alpha_final": self.alpha_final,
-                "n_train": getattr(self, "n_train", None)}
+        return {**super().settings(), "n_train": getattr(self, "n_train", None)}
 
     def lambda_at(self, step: int) -> float:
         """λ_t = λ·[α_f + (α_i − α_f)(1 − progress)], progress through the pruning phase in [0, 1]."""
@@ -298,43 +334,31 @@ class MGPP(GradualPruning):
         return {name: weight_view(layer).abs() for name, layer in self.layers.items()}
 
 
+@register("none", kind="training", config=DenseConfig, description="no pruning: plain fine-tuning (the dense "
+                                                                     "baseline)")
 class DenseTraining(TrainingMethod):
     """No pruning: plain fine-tuning (the dense baseline)."""
 
     name = "none"
 
-
-TRAINING_METHODS: dict[str, type[TrainingMethod]] = {
-    "none": DenseTraining, "gmp": GMP, "movement": Movement, "mgpp": MGPP}
-
-# modules that register more training methods into TRAINING_METHODS when imported
-PLUGIN_MODULES = ("prunekit.methods.flop",)
-
-
-def _import_plugins() -> None:
-    import_optional(PLUGIN_MODULES)
+    def __init__(self) -> None:
+        self.config = DenseConfig()
 
 
 def available_methods() -> list[str]:
-    """Names of the training-aware methods (plugins included)."""
-    _import_plugins()
-    return sorted(TRAINING_METHODS)
+    """Names of the training-aware methods."""
+    from prunekit.methods import available_methods as every
+
+    return sorted(spec.name for spec in every("training"))
 
 
-def build_training_method(name: str, settings: dict[str, Any]) -> TrainingMethod:
-    """Instantiate a registered method, passing the settings its constructor names (others are ignored)."""
-    _import_plugins()
-    if name not in TRAINING_METHODS:
-        raise PrunekitError(f"unknown training method '{name}': use one of {', '.join(sorted(TRAINING_METHODS))}")
-    cls = TRAINING_METHODS[name]
-    if cls.__init__ is object.__init__:
-        return cls()
-    params = inspect.signature(cls.__init__).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {key: value for key, value in settings.items()
-              if value is not None and (accepts_any or (key in params and key != "self"))}
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise PrunekitError(f"method '{name}' cannot be built from these settings ({exc}): see prunekit train --help") \
-            from exc
+def build_training_method(name: str, settings: dict[str, Any] | None = None, **context: Any) -> TrainingMethod:
+    """A training method from its name and settings (a setting it does not take is an error).
+
+    ``context`` gives values of the run that a method may ask for by name (``seed``, the trainer's ``lr``).
+    """
+    from prunekit.methods import get_method
+
+    spec = get_method(name, ("training",))
+    method: TrainingMethod = spec.build(spec.make_config(settings or {}), **context)
+    return method

@@ -2,34 +2,41 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from prunekit.adapters import weight_view
+from prunekit.errors import PrunekitError
 from prunekit.masks import Structure, global_masks, select_mask
-from prunekit.methods.base import LayerwiseMethod
-
-if TYPE_CHECKING:
-    from prunekit.pruning import PruneConfig
+from prunekit.methods.base import CompareConfig, LayerwiseMethod
+from prunekit.methods.registry import register, setting
 
 
+@dataclass(frozen=True)
+class MagnitudeConfig(CompareConfig):
+    compare: str = setting("layer", "which weights compete: layer, row (each output row) or global (all layers)",
+                           choices=("layer", "row", "global"))
+    include_lm_head: bool = setting(False, "also prune the LM head (refused when it is tied to the embeddings)")
+
+    def check(self) -> None:
+        super().check()
+        if self.include_lm_head and self.allocation == "owl":
+            raise PrunekitError("include_lm_head works with uniform allocation only: drop --allocation owl")
+
+
+@register("magnitude", kind="one-shot", config=MagnitudeConfig,
+          description="score |W|, compared per layer (default), per output row, or across all layers")
 class MagnitudeMethod(LayerwiseMethod):
     """score = |W|; no calibration, no weight update."""
 
-    name: ClassVar[str] = "magnitude"
-    description: ClassVar[str] = "score |W|, compared per layer (default), per output row, or across all layers"
-    needs_calibration: ClassVar[bool] = False
-    settings: ClassVar[tuple[str, ...]] = ("sparsity", "structure", "compare", "allocation", "include", "exclude")
-    compares: ClassVar[tuple[str, ...]] = ("layer", "row", "global")
-
     def prune(self, layer: nn.Module, sparsity: float, structure: Structure) -> torch.Tensor:
-        compare = self.config.compare or self.default_compare()
-        return select_mask(weight_view(layer).abs(), sparsity, structure, compare)
+        return select_mask(weight_view(layer).abs(), sparsity, structure, self.config.compare)
 
     @classmethod
-    def whole_model_masks(cls, layers: dict[str, nn.Module], sparsity: float, config: PruneConfig
+    def whole_model_masks(cls, layers: dict[str, nn.Module], sparsity: float, config: Any
                           ) -> dict[str, torch.Tensor] | None:
         """With ``compare='global'`` one threshold over the |W| of every selected layer."""
         if config.compare != "global":

@@ -13,7 +13,7 @@ next block's inputs, as in the reference code), before the pruning pass.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,9 +21,6 @@ from torch import nn
 from prunekit.calibration import BlockVisitor, Observer, run_blockwise
 from prunekit.errors import PrunekitError
 from prunekit.methods.wanda import WandaMethod
-
-if TYPE_CHECKING:
-    from prunekit.pruning import PruneConfig
 
 
 def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
@@ -55,7 +52,7 @@ class _OutlierVisitor(BlockVisitor):
 
     modifies = False
 
-    def __init__(self, config: PruneConfig, layers_by_block: list[dict[str, nn.Module]]) -> None:
+    def __init__(self, config: Any, layers_by_block: list[dict[str, nn.Module]]) -> None:
         self.config = config
         self.layers_by_block = layers_by_block
         self.ratios: list[float] = []
@@ -76,7 +73,7 @@ class _OutlierVisitor(BlockVisitor):
         self.ratios.append(outlier_ratio(scores, float(self.config.owl_m)))
 
 
-def owl_allocation(model: nn.Module, calibration: torch.Tensor, config: PruneConfig, target: float,
+def owl_allocation(model: nn.Module, calibration: torch.Tensor, config: Any, target: float,
                    layers_by_block: list[dict[str, nn.Module]], *, device: torch.device | str | None = None,
                    micro_batch_size: int = 8, progress: bool = True) -> tuple[list[float], list[float]]:
     """(per-block sparsity, per-block outlier ratio) from a dense pass over the calibration batch.

@@ -91,3 +91,15 @@ def resolve_steps(value: int | float | None, total_steps: int, default_fraction:
     if isinstance(value, float) and 0.0 < value < 1.0:
         return int(round(value * total_steps))
     return int(value)
+
+
+def steps_setting(value: int | float | None, name: str = "step count") -> int | float | None:
+    """A step setting as given by a user: whole numbers as int, fractions in (0, 1) as float, None stays None."""
+    if value is None:
+        return None
+    number = float(value)
+    if 0.0 < number < 1.0:
+        return number
+    if number < 0 or not number.is_integer():
+        raise PrunekitError(f"{name} {value} must be a whole number of steps or a fraction in (0, 1)")
+    return int(number)

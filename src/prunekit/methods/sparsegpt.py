@@ -12,7 +12,8 @@ not yet processed, so the kept weights reconstruct the layer's output.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,29 +22,41 @@ from prunekit.adapters import weight_view
 from prunekit.calibration import all_threads, single_thread
 from prunekit.errors import PrunekitError
 from prunekit.masks import Structure, count_to_prune, nm_mask, prune_lowest
-from prunekit.methods.base import LayerwiseMethod, flat_inputs
-
-if TYPE_CHECKING:
-    from prunekit.pruning import PruneConfig
+from prunekit.methods.base import LayerwiseMethod, SparsityConfig, flat_inputs
+from prunekit.methods.registry import register, setting
 
 MAX_DAMPENING_TRIES = 6
 SEGMENT = 16  # columns solved at once inside a block (unstructured)
 
 
+@dataclass(frozen=True)
+class SparseGPTConfig(SparsityConfig):
+    block_size: int = setting(128, "columns pruned and updated together (the lazy-update block)")
+    dampening: float = setting(0.01, "fraction of mean(diag H) added to the Hessian's diagonal")
+
+    def check(self) -> None:
+        super().check()
+        if self.block_size < 1:
+            raise PrunekitError(f"sparsegpt: block_size {self.block_size} must be at least 1")
+        if not self.dampening > 0:
+            raise PrunekitError(f"sparsegpt: dampening {self.dampening} must be positive (e.g. 0.01)")
+
+    def needs_calibration(self) -> bool:
+        return True
+
+
+@register("sparsegpt", kind="one-shot", config=SparseGPTConfig,
+          description="OBS saliency W^2/diag(H^-1)^2 with weight updates that reconstruct the output")
 class SparseGPTMethod(LayerwiseMethod):
     """Hessian of the layer inputs, then the blocked OBS prune-and-update sweep."""
 
-    name: ClassVar[str] = "sparsegpt"
-    description: ClassVar[str] = "OBS saliency W^2/diag(H^-1)^2 with weight updates that reconstruct the output"
-    settings: ClassVar[tuple[str, ...]] = ("sparsity", "structure", "allocation", "block_size", "dampening",
-                                           "owl_m", "owl_lambda", "include", "exclude")
-    compares: ClassVar[tuple[str, ...]] = ("block",)
-
-    def __init__(self, config: PruneConfig, in_features: int, key: str = "") -> None:
+    def __init__(self, config: Any, in_features: int, key: str = "") -> None:
         super().__init__(config, in_features, key)
         self.hessian: torch.Tensor | None = None
         self._factor: tuple[torch.Tensor, torch.Tensor] | None = None
         self.dampening_used: float | None = None
+        # the threads of whoever feeds the statistics; the big factorisation and matmuls get them all back
+        self.threads = torch.get_num_threads()
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         rows = flat_inputs(inputs)
@@ -59,7 +72,7 @@ class SparseGPTMethod(LayerwiseMethod):
             return self._factor
         if self.hessian is None or self.n_tokens == 0:
             raise RuntimeError("sparsegpt: the layer received no calibration inputs")
-        with single_thread(self.hessian.device), all_threads():  # large dense factorisations: every thread
+        with all_threads(self.threads):  # large dense factorisations: every thread
             return self._factorise()
 
     def _factorise(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +151,7 @@ class SparseGPTMethod(LayerwiseMethod):
             if rows.stop < count:
                 block_w[rows.stop:].addmm_(block_h[rows, rows.stop:].t(), errors[rows], alpha=-1.0)
         if end < n_in:
-            with all_threads():  # the one large matmul of the block
+            with all_threads(self.threads):  # the one large matmul of the block
                 work[end:].addmm_(factor[start:end, end:].t(), errors, alpha=-1.0)
         return keep
 

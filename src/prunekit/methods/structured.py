@@ -17,9 +17,8 @@ Grouped-query attention, rule ``gqa="query"`` (default): every key/value group l
 of query heads, round-half-up(ratio × group size), and keeps its key/value head; ``gqa="groups"``:
 whole groups go, round-half-up(ratio × groups). The fraction actually removed is recorded.
 
-Settings read from the PruneConfig (or a dict): ``ratio``; ``importance``; allocation ``uniform``
-(default) or ``global`` (``compare="global"`` also selects it); when present, ``heads_ratio``,
-``neurons_ratio``, ``gqa`` and ``bias_compensation`` (default: on for flap only).
+Settings: :class:`HeadsNeuronsConfig` (``ratio``, or ``heads_ratio``/``neurons_ratio``; ``importance``;
+``allocation`` uniform or global; ``gqa``; ``bias_compensation``, default on for flap only).
 
 ``blocks`` removes the N blocks of lowest influence, 1 − mean cosine(block input, block output) on
 the calibration tokens (ShortGPT, Men et al. 2024).
@@ -30,18 +29,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from prunekit import surgery
-from prunekit.adapters import weight_view
+from prunekit.adapters import grad_view, model_head, weight_view
 from prunekit.adapters.base import ModelAdapter, get_submodule
 from prunekit.calibration import BlockVisitor, block_output, run_blockwise
 from prunekit.errors import PrunekitError
-from prunekit.methods import register_whole_model_method
+from prunekit.methods.base import EngineConfig
+from prunekit.methods.registry import register, setting
 
 IMPORTANCES = ("magnitude", "wanda", "flap", "taylor")
 ALLOCATIONS = ("uniform", "global")
@@ -52,12 +52,6 @@ Scores = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 def round_half_up(value: float) -> int:
     return int(math.floor(value + 0.5 + 1e-9))
-
-
-def setting(config: Any, name: str, default: Any = None) -> Any:
-    """A setting from a PruneConfig or a dict; missing or None gives ``default``."""
-    value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-    return default if value is None else value
 
 
 # ---- activation statistics ---------------------------------------------------------------------
@@ -108,10 +102,11 @@ class _StatsVisitor(BlockVisitor):
 
 
 def collect_stats(model: nn.Module, calibration: torch.Tensor, device: torch.device,
-                  progress: bool) -> dict[int, dict[str, ChannelStats]]:
+                  progress: bool, micro_batch_size: int = 8) -> dict[int, dict[str, ChannelStats]]:
     """Input statistics per block, from the block-by-block engine on the dense model."""
     visitor = _StatsVisitor(surgery.structured_adapter(model))
-    run_blockwise(model, calibration, visitor, device=device, progress=progress, desc="statistics")
+    run_blockwise(model, calibration, visitor, device=device, progress=progress, desc="statistics",
+                  micro_batch_size=micro_batch_size)
     return visitor.stats
 
 
@@ -127,7 +122,7 @@ def placed(model: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def _forward(model: nn.Module, ids: torch.Tensor, **extra: Any) -> Any:
-    is_lm = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    is_lm = model_head(model) == "causal-lm"
     return model(input_ids=ids, **({"use_cache": False} if is_lm else {}), **extra)
 
 
@@ -137,7 +132,7 @@ def taylor_gradients(model: nn.Module, adapter: ModelAdapter, calibration: torch
     was_training = model.training
     model.eval()
     grads: dict[int, dict[str, torch.Tensor]] = {}
-    is_lm = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+    is_lm = model_head(model) == "causal-lm"
     requires = {id(p): p.requires_grad for p in model.parameters()}
     with placed(model, device):
         try:
@@ -156,13 +151,11 @@ def taylor_gradients(model: nn.Module, adapter: ModelAdapter, calibration: torch
             for index, block in enumerate(adapter.blocks()):
                 grads[index] = {}
                 for name, layer in adapter.block_linears(block).items():
-                    weight: Any = layer.weight
-                    grad = weight.grad
+                    grad = grad_view(layer)
                     if grad is None:
                         raise PrunekitError(f"block {index} layer {name} got no gradient: taylor importance needs "
                                             "a model whose loss reaches every block; use --importance wanda")
-                    view = grad.t() if isinstance(layer, Conv1D) else grad
-                    grads[index][name] = view.detach().to("cpu", torch.float64)
+                    grads[index][name] = grad.detach().to("cpu", torch.float64)
         finally:
             model.zero_grad(set_to_none=True)
             for p in model.parameters():
@@ -340,35 +333,68 @@ def _apply_bias(model: nn.Module, adapter: ModelAdapter, part: str, deltas: dict
     return True
 
 
-def prune_heads_neurons(model: nn.Module, config: Any, calibration: torch.Tensor | None, device: torch.device,
-                        progress: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True)
+class HeadsNeuronsConfig(EngineConfig):
+    """Settings of ``heads-neurons``."""
+
+    renamed = {"compare": "allocation"}
+
+    ratio: float | None = setting(None, "fraction of attention heads and of FFN neurons to remove, e.g. 0.5")
+    heads_ratio: float | None = setting(None, "fraction of heads to remove (default: ratio)")
+    neurons_ratio: float | None = setting(None, "fraction of FFN neurons to remove (default: ratio)")
+    importance: str = setting("flap", "score of a head or neuron: flap, wanda, magnitude (no calibration) or taylor",
+                              choices=IMPORTANCES)
+    allocation: str = setting("uniform", "sizes per block: uniform (same in every block; plain from_pretrained "
+                              "reloads) or global (scores compared across blocks)", choices=ALLOCATIONS)
+    gqa: str = setting("query", "grouped-query attention: query (remove query heads evenly within key/value "
+                       "groups) or groups (remove whole key/value groups)", choices=GQA_RULES)
+    bias_compensation: bool | None = setting(None, "add the mean output of what is removed as a bias "
+                                             "(default: on for flap)")
+
+    def check(self) -> None:
+        super().check()
+        for name in ("ratio", "heads_ratio", "neurons_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise PrunekitError(f"heads-neurons: {name} {value} is outside [0, 1): use a fraction such as 0.5")
+
+    def ratios(self) -> tuple[float, float]:
+        """(heads, neurons) fractions to remove."""
+        heads = self.heads_ratio if self.heads_ratio is not None else self.ratio
+        neurons = self.neurons_ratio if self.neurons_ratio is not None else self.ratio
+        if heads is None or neurons is None:
+            raise PrunekitError("heads-neurons needs --ratio (the fraction of heads and FFN neurons to remove, "
+                                "e.g. 0.5)")
+        return float(heads), float(neurons)
+
+    def compensate(self) -> bool:
+        return self.bias_compensation if self.bias_compensation is not None else self.importance == "flap"
+
+    def ready(self) -> None:
+        self.ratios()
+
+    def needs_calibration(self) -> bool:
+        return self.importance != "magnitude" or self.compensate()
+
+
+def prune_heads_neurons(model: nn.Module, config: HeadsNeuronsConfig, calibration: torch.Tensor | None,
+                        device: torch.device, progress: bool = True) -> dict[str, Any]:
     """The ``heads-neurons`` method: score, allocate, remove; returns facts for the prunekit record."""
     adapter = surgery.structured_adapter(model)
-    ratio = setting(config, "ratio")
-    heads_ratio = float(setting(config, "heads_ratio", ratio if ratio is not None else -1))
-    neurons_ratio = float(setting(config, "neurons_ratio", ratio if ratio is not None else -1))
-    if heads_ratio < 0 or neurons_ratio < 0:
-        raise PrunekitError("heads-neurons needs --ratio (the fraction of heads and FFN neurons to remove, e.g. 0.5)")
-    importance = setting(config, "importance", "flap")
-    allocation = "global" if setting(config, "compare") == "global" else setting(config, "allocation", "uniform")
-    gqa = setting(config, "gqa", "query")
-    if importance not in IMPORTANCES:
-        raise PrunekitError(f"unknown importance '{importance}' for heads-neurons: use one of {', '.join(IMPORTANCES)}")
-    if allocation not in ALLOCATIONS:
-        raise PrunekitError(f"heads-neurons allocates uniform or global, not '{allocation}'")
-    if gqa not in GQA_RULES:
-        raise PrunekitError(f"unknown GQA rule '{gqa}': use query (query heads within groups) or groups")
+    heads_ratio, neurons_ratio = config.ratios()
+    importance, allocation, gqa = config.importance, config.allocation, config.gqa
     _check_ratio(heads_ratio, "heads")
     _check_ratio(neurons_ratio, "neurons")
     if importance != "magnitude" and calibration is None:
         raise PrunekitError(f"importance '{importance}' needs calibration data: pass --calib, "
                             "or use --importance magnitude")
-    compensate = bool(setting(config, "bias_compensation", importance == "flap"))
+    compensate = config.compensate()
     if compensate and calibration is None:
         raise PrunekitError("bias compensation needs calibration data (the mean output of what is removed): pass "
                             "--calib, or --no-bias-compensation")
     needs_stats = importance in ("wanda", "flap") or compensate
-    stats = collect_stats(model, calibration, device, progress) if needs_stats and calibration is not None else None
+    stats = (collect_stats(model, calibration, device, progress, config.micro_batch_size)
+             if needs_stats and calibration is not None else None)
     grads = None
     if importance == "taylor" and calibration is not None:
         grads = taylor_gradients(model, adapter, calibration, device)
@@ -442,11 +468,31 @@ def block_influence(model: nn.Module, calibration: torch.Tensor, device: torch.d
     return [1.0 - s / max(1, c) for s, c in zip(sums, counts, strict=True)]
 
 
-def prune_blocks(model: nn.Module, config: Any, calibration: torch.Tensor | None, device: torch.device,
+@dataclass(frozen=True)
+class BlocksConfig(EngineConfig):
+    """Settings of ``blocks``."""
+
+    remove: int | None = setting(None, "number of blocks to remove")
+    ratio: float | None = setting(None, "fraction of the blocks to remove (rounded half up), instead of remove")
+
+    def check(self) -> None:
+        super().check()
+        if self.remove is not None and self.ratio is not None:
+            raise PrunekitError("blocks takes --remove N or --ratio R, not both")
+
+    def ready(self) -> None:
+        if self.remove is None and self.ratio is None:
+            raise PrunekitError("the blocks method needs --remove N (number of blocks to remove, at least 1)")
+
+    def needs_calibration(self) -> bool:
+        return True
+
+
+def prune_blocks(model: nn.Module, config: BlocksConfig, calibration: torch.Tensor | None, device: torch.device,
                  progress: bool = True) -> dict[str, Any]:
     """The ``blocks`` method: remove the ``remove`` blocks of lowest influence (or ``ratio`` of them)."""
     n_blocks = len(surgery.structured_adapter(model).blocks())
-    remove, ratio = setting(config, "remove"), setting(config, "ratio")
+    remove, ratio = config.remove, config.ratio
     if remove is None and ratio is not None:
         remove = round_half_up(float(ratio) * n_blocks)
     if remove is None or int(remove) < 1:
@@ -455,7 +501,7 @@ def prune_blocks(model: nn.Module, config: Any, calibration: torch.Tensor | None
         raise PrunekitError(f"--remove {remove} would remove all {n_blocks} blocks: remove at most {n_blocks - 1}")
     if calibration is None:
         raise PrunekitError("the blocks method needs calibration data to measure block influence: pass --calib")
-    influence = block_influence(model, calibration, device)
+    influence = block_influence(model, calibration, device, batch_size=config.micro_batch_size)
     order = sorted(range(n_blocks), key=lambda i: (influence[i], i))
     removed = sorted(order[:int(remove)])
     before = surgery.count_parameters(model)
@@ -468,14 +514,8 @@ def prune_blocks(model: nn.Module, config: Any, calibration: torch.Tensor | None
             "plain_reload": facts["plain_reload"], "loader": facts["loader"]}
 
 
-register_whole_model_method(
-    "heads-neurons", prune_heads_neurons,
-    "remove whole attention heads and FFN neurons (importance: flap (default), wanda, magnitude (no calibration), "
-    "taylor; --compare global for sizes that differ per block)",
-    needs_calibration=True,
-    settings=("ratio", "importance", "compare", "heads_ratio", "neurons_ratio", "gqa", "bias_compensation"),
-    calibration_rule=lambda config: (setting(config, "importance", "flap") != "magnitude"
-                                     or bool(setting(config, "bias_compensation", False))))
-register_whole_model_method(
-    "blocks", prune_blocks, "remove whole transformer blocks of lowest influence (ShortGPT)",
-    needs_calibration=True, settings=("remove", "ratio"))
+register("heads-neurons", kind="structured", config=HeadsNeuronsConfig,
+         description="remove whole attention heads and FFN neurons (importance flap by default; --allocation global "
+                     "for sizes that differ per block)")(prune_heads_neurons)
+register("blocks", kind="structured", config=BlocksConfig,
+         description="remove whole transformer blocks of lowest influence (ShortGPT)")(prune_blocks)

@@ -2,29 +2,33 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from prunekit.adapters import weight_view
 from prunekit.masks import Structure, select_mask
-from prunekit.methods.base import LayerwiseMethod, flat_inputs
-
-if TYPE_CHECKING:
-    from prunekit.pruning import PruneConfig
+from prunekit.methods.base import CompareConfig, LayerwiseMethod, flat_inputs
+from prunekit.methods.registry import register, setting
 
 
+@dataclass(frozen=True)
+class WandaConfig(CompareConfig):
+    compare: str = setting("row", "which weights compete: row (each output row, as in the paper) or layer",
+                           choices=("row", "layer"))
+
+    def needs_calibration(self) -> bool:
+        return True
+
+
+@register("wanda", kind="one-shot", config=WandaConfig,
+          description="score |W|*||X_j|| from calibration activations, per output row; no update")
 class WandaMethod(LayerwiseMethod):
     """Accumulates the squared L2 norm of each input feature; no weight update."""
 
-    name: ClassVar[str] = "wanda"
-    description: ClassVar[str] = "score |W|*||X_j|| from calibration activations, per output row; no update"
-    settings: ClassVar[tuple[str, ...]] = ("sparsity", "structure", "compare", "allocation", "owl_m", "owl_lambda",
-                                           "include", "exclude")
-    compares: ClassVar[tuple[str, ...]] = ("row", "layer")
-
-    def __init__(self, config: PruneConfig, in_features: int, key: str = "") -> None:
+    def __init__(self, config: Any, in_features: int, key: str = "") -> None:
         super().__init__(config, in_features, key)
         self.sq_norm: torch.Tensor | None = None
 
@@ -43,4 +47,4 @@ class WandaMethod(LayerwiseMethod):
         return weight.float().abs() * norm.unsqueeze(0)
 
     def prune(self, layer: nn.Module, sparsity: float, structure: Structure) -> torch.Tensor:
-        return select_mask(self.scores(layer), sparsity, structure, self.config.compare or self.default_compare())
+        return select_mask(self.scores(layer), sparsity, structure, self.config.compare)
