@@ -18,12 +18,12 @@ from prunekit.errors import PrunekitError, UnreachableError
 from prunekit.models import (
     BUILTIN_MODELS,
     convert_gguf,
-    count_parameters,
     infer_task,
     list_models,
     load_model,
     resolve_model_source,
 )
+from prunekit.utils import count_parameters
 
 # A tiny byte-level BPE vocabulary, as llama.cpp stores a GPT-2 style tokenizer: token 0 is a control token,
 # printable ASCII maps to itself in the byte alphabet, "Ġ" is the space byte.

@@ -20,6 +20,7 @@ from prunekit.export import load, save_model
 from prunekit.methods import method_config, structured
 from prunekit.methods.structured import block_scores, collect_stats, plan_heads, plan_neurons
 from prunekit.pruning import prune
+from prunekit.utils import count_parameters
 
 GQA = {"hidden_size": 48, "num_attention_heads": 6, "num_key_value_heads": 2, "num_hidden_layers": 3}
 
@@ -159,7 +160,7 @@ def test_prune_api_every_family(make_tiny_model: Callable[..., nn.Module], famil
     config = method_config("heads-neurons", ratio=0.5, importance="wanda")
     result = prune(model, config, calib(), progress=False)
     facts = result.extra
-    assert facts["parameters_after"] == surgery.count_parameters(model) < facts["parameters_before"]
+    assert facts["parameters_after"] == count_parameters(model) < facts["parameters_before"]
     assert facts["neurons_removed_fraction"] == 0.5
     assert facts["heads_removed_fraction"] == (2 / 3 if family == "llama" else 0.5)
     assert facts["plain_reload"] == (family in ("llama", "qwen2"))
@@ -224,7 +225,7 @@ def test_magnitude_importance_needs_no_calibration(make_tiny_model: Callable[...
     with_calib = prune(reference, method_config("heads-neurons", ratio=0.5, importance="magnitude"), calib(),
                        progress=False)
     assert without.extra["heads_removed"] == with_calib.extra["heads_removed"]  # calibration plays no part
-    assert surgery.count_parameters(model) == surgery.count_parameters(reference)
+    assert count_parameters(model) == count_parameters(reference)
     for settings in ({"ratio": 0.5}, {"ratio": 0.5, "importance": "magnitude", "bias_compensation": True}):
         with pytest.raises(PrunekitError, match="needs calibration data"):
             prune(make_tiny_model("llama", **GQA), method_config("heads-neurons", **settings), None,
@@ -233,7 +234,7 @@ def test_magnitude_importance_needs_no_calibration(make_tiny_model: Callable[...
 
 def test_bad_input_is_one_line_error(make_tiny_model: Callable[..., nn.Module]) -> None:
     model = make_tiny_model("llama", **GQA)
-    before = surgery.count_parameters(model)
+    before = count_parameters(model)
     cases: list[tuple[dict[str, Any], str]] = [
         ({"method": "blocks", "remove": 3}, "remove at most 2"),
         ({"method": "blocks", "remove": 0}, "--remove N"),
@@ -246,7 +247,7 @@ def test_bad_input_is_one_line_error(make_tiny_model: Callable[..., nn.Module]) 
         with pytest.raises(PrunekitError, match=message) as info:
             prune(model, dict(settings), calib(), progress=False)
         assert "\n" not in str(info.value)
-    assert surgery.count_parameters(model) == before
+    assert count_parameters(model) == before
 
 
 def _tiny_folder(tmp_path: Path, model: nn.Module, tokenizer: Any, name: str) -> Path:

@@ -17,6 +17,7 @@ from prunekit.adapters import get_adapter, weight_view
 from prunekit.adapters.base import get_submodule
 from prunekit.errors import PrunekitError
 from prunekit.export import load, save_model
+from prunekit.utils import count_parameters
 
 FAMILIES = ("llama", "qwen2", "gpt2", "opt", "bert")
 # llama: 6 query heads in 2 key/value groups of 3 (head_dim 8); qwen2: 4 heads in 2 groups of 2
@@ -92,7 +93,7 @@ def test_shapes_config_and_parameter_count(make_tiny_model: Callable[..., nn.Mod
     model = tiny(make_tiny_model, family)
     adapter = get_adapter(model)
     heads_before, kv_before, head_dim = adapter.num_heads(), adapter.num_kv_heads(), adapter.head_dim()
-    before = surgery.count_parameters(model)
+    before = count_parameters(model)
     surgery.prune_heads(model, heads_plan(family, True))
     surgery.prune_neurons(model, {b: list(range(10)) for b in range(3)})
     facts = surgery.sync_config(model)
@@ -102,7 +103,7 @@ def test_shapes_config_and_parameter_count(make_tiny_model: Callable[..., nn.Mod
     removed_kv = 0 if family in ("llama", "qwen2") else 1
     assert all(s.heads == heads_before - removed_q and s.kv_heads == kv_before - removed_kv for s in shapes)
     assert all(s.intermediate == adapter.intermediate_size() == 54 for s in shapes)
-    assert group >= 1 and facts["parameters"] == surgery.count_parameters(model) < before
+    assert group >= 1 and facts["parameters"] == count_parameters(model) < before
     # parameter count as the modules say it, against what the removed rows and columns should give
     hidden = adapter.hidden_size()
     block = adapter.blocks()[0]
@@ -112,14 +113,14 @@ def test_shapes_config_and_parameter_count(make_tiny_model: Callable[..., nn.Mod
     per_kv = 2 * head_dim * (hidden + attn_bias)
     per_neuron = len(adapter.mlp_in) * (hidden + mlp_bias) + hidden
     expected = before - 3 * (removed_q * per_q + removed_kv * per_kv + 10 * per_neuron)
-    assert surgery.count_parameters(model) == expected
+    assert count_parameters(model) == expected
     if family in ("llama", "qwen2"):  # the config says the new shapes, so a fresh model has the same size
         assert model.config.num_attention_heads == heads_before - removed_q
         assert model.config.num_key_value_heads == kv_before - removed_kv
         assert model.config.head_dim == head_dim
         assert facts["plain_reload"] and not hasattr(model.config, surgery.STRUCTURE_ATTR)
         fresh = type(model)(model.config)
-        assert surgery.count_parameters(fresh) == surgery.count_parameters(model)
+        assert count_parameters(fresh) == count_parameters(model)
     else:  # head size derives from hidden/heads in these configs: the shapes live in prunekit_structure
         assert not facts["plain_reload"] and facts["loader"] == "structured"
         assert model.config.prunekit_structure["layers"][0]["heads"] == heads_before - removed_q
@@ -155,7 +156,7 @@ def test_save_and_reload(make_tiny_model: Callable[..., nn.Module], tmp_path: Pa
             _auto(family).from_pretrained(out)
     loaded, _, record = load(out)
     assert record["loader"] == facts["loader"]
-    assert surgery.count_parameters(loaded) == surgery.count_parameters(model)
+    assert count_parameters(loaded) == count_parameters(model)
     assert torch.allclose(logits(loaded, tokens), logits(model, tokens), atol=1e-6)
 
 

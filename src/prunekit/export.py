@@ -21,11 +21,11 @@ from torch import nn
 
 from prunekit import __version__
 from prunekit.errors import PrunekitError
-from prunekit.record import LOADER, RunRecord, as_record, loader_for, versions
-from prunekit.utils import atomic_dir, resolve_device, resolve_dtype
+from prunekit.models import RECORD_NAME, load, read_record
+from prunekit.record import RunRecord, as_record, loader_for, versions
+from prunekit.utils import atomic_dir
 
-RECORD_NAME = "prunekit.json"
-KNOWN_LOADERS = (LOADER, "flop")  # "flop": the name records of prunekit 0.1 used for factorised models
+__all__ = ["RECORD_NAME", "load", "read_record", "save_model", "to_jsonable", "update_record"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -77,21 +77,6 @@ def save_model(model: nn.Module, tokenizer: Any, out: str | Path,
     return Path(out)
 
 
-def read_record(path: str | Path) -> dict[str, Any]:
-    """The prunekit record of a saved folder, with a clear error if it has none."""
-    file = Path(path) / RECORD_NAME
-    if not file.exists():
-        raise PrunekitError(f"'{path}' has no {RECORD_NAME}: it was not written by prunekit "
-                            "(load it with transformers, or prune it with prunekit first)")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise PrunekitError(f"'{file}' is not valid JSON ({exc.msg}): the folder is damaged, save it again") from exc
-    if not isinstance(data, dict):
-        raise PrunekitError(f"'{file}' does not hold a prunekit record: the folder is damaged, save it again")
-    return data
-
-
 def update_record(path: str | Path, **fields: Any) -> dict[str, Any]:
     """Add fields (e.g. evaluation results) to a saved folder's record, writing atomically."""
     record = read_record(path)
@@ -101,44 +86,3 @@ def update_record(path: str | Path, **fields: Any) -> dict[str, Any]:
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(file)
     return record
-
-
-def load(path: str | Path, task: str | None = None, num_labels: int = 2, device: str | torch.device | None = "cpu",
-         dtype: str | torch.dtype | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Load (model, tokenizer, record) from a folder saved by prunekit."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from prunekit.models import auto_class, infer_task
-
-    folder = Path(path)
-    if not (folder / "config.json").exists():
-        raise PrunekitError(f"'{path}' is not a model folder (no config.json): give a folder written by prunekit")
-    record = read_record(folder)
-    config = AutoConfig.from_pretrained(folder)
-    task = task or record.get("task") or infer_task(config)
-    loader_name = record.get("loader") or loader_for_config(config)
-    if loader_name:
-        if loader_name not in KNOWN_LOADERS:
-            raise PrunekitError(f"'{path}' needs the prunekit loader '{loader_name}', which this prunekit lacks: "
-                                "upgrade prunekit")
-        from prunekit.structured_load import load_structured
-
-        model = load_structured(folder, config, record, task, num_labels)
-    else:
-        kwargs: dict[str, Any] = {}
-        if task == "classification":
-            kwargs["num_labels"] = getattr(config, "num_labels", num_labels)
-        model = auto_class(task).from_pretrained(folder, **kwargs)
-    model = model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
-    if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, record
-
-
-def loader_for_config(config: Any) -> str | None:
-    """The loader a folder needs according to its config alone (for folders whose record names none)."""
-    holder = nn.Module()
-    holder.config = config  # type: ignore[assignment]
-    return loader_for(holder)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,11 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError, UnreachableError
+from prunekit.record import LOADER, loader_for
 from prunekit.utils import atomic_dir, cache_dir, resolve_device, resolve_dtype
+
+RECORD_NAME = "prunekit.json"
+KNOWN_LOADERS = (LOADER, "flop")  # "flop": the name records of prunekit 0.1 used for factorised models
 
 TASKS = ("causal-lm", "classification", "base")
 
@@ -163,9 +166,7 @@ def load_model(name_or_path: str, task: str | None = None, num_labels: int = 2, 
     source, builtin = resolve_model_source(name_or_path, progress=progress)
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
-    if Path(source).is_dir() and (Path(source) / "prunekit.json").exists():
-        from prunekit.export import load
-
+    if Path(source).is_dir() and (Path(source) / RECORD_NAME).exists():
         model, tokenizer, _record = load(source, task=task, num_labels=num_labels, device=target, dtype=torch_dtype)
         return model, tokenizer
     try:
@@ -219,34 +220,6 @@ def _hub_said_not_found(exc: BaseException) -> bool:
     return False
 
 
-def tensor_key(tensor: torch.Tensor) -> tuple[object, ...]:
-    """Identity of a tensor's memory: device, address, size and dtype (the object's id when it has no storage)."""
-    ptr = tensor.data_ptr()
-    if ptr == 0:  # no storage (e.g. on 'meta', or empty): only the same object is the same tensor
-        return ("id", id(tensor))
-    return (tensor.device.type, tensor.device.index, ptr, tensor.numel(), tensor.dtype)
-
-
-def unique_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors with duplicates (same memory) removed, in first-seen order."""
-    seen: set[tuple[object, ...]] = set()
-    out: list[torch.Tensor] = []
-    for tensor in tensors:
-        key = tensor_key(tensor)
-        if key not in seen:
-            seen.add(key)
-            out.append(tensor)
-    return out
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Parameters counted from the modules, each shared tensor once (tied embeddings and LM head count once).
-
-    The one parameter count of prunekit: records, size reports and surgery facts all use it.
-    """
-    return sum(param.numel() for param in unique_tensors(model.parameters()))
-
-
 def safetensors_parameters(folder: Path) -> int | None:
     """Parameters stored in a folder's safetensors files, read from their headers (no weights loaded)."""
     from safetensors import safe_open
@@ -282,3 +255,60 @@ def list_models() -> list[dict[str, Any]]:
                      "package": builtin.package, "task": builtin.task,
                      "state": state, "description": builtin.description})
     return rows
+
+
+# ---- folders written by prunekit -----------------------------------------------------------------
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The prunekit record of a saved folder, with a clear error if it has none."""
+    file = Path(path) / RECORD_NAME
+    if not file.exists():
+        raise PrunekitError(f"'{path}' has no {RECORD_NAME}: it was not written by prunekit "
+                            "(load it with transformers, or prune it with prunekit first)")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise PrunekitError(f"'{file}' is not valid JSON ({exc.msg}): the folder is damaged, save it again") from exc
+    if not isinstance(data, dict):
+        raise PrunekitError(f"'{file}' does not hold a prunekit record: the folder is damaged, save it again")
+    return data
+
+
+def load(path: str | Path, task: str | None = None, num_labels: int = 2, device: str | torch.device | None = "cpu",
+         dtype: str | torch.dtype | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load (model, tokenizer, record) from a folder saved by prunekit."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(path)
+    if not (folder / "config.json").exists():
+        raise PrunekitError(f"'{path}' is not a model folder (no config.json): give a folder written by prunekit")
+    record = read_record(folder)
+    config = AutoConfig.from_pretrained(folder)
+    task = task or record.get("task") or infer_task(config)
+    loader_name = record.get("loader") or loader_for_config(config)
+    if loader_name:
+        if loader_name not in KNOWN_LOADERS:
+            raise PrunekitError(f"'{path}' needs the prunekit loader '{loader_name}', which this prunekit lacks: "
+                                "upgrade prunekit")
+        from prunekit.structured_load import load_structured
+
+        if task == "classification" and not getattr(config, "num_labels", None):
+            config.num_labels = num_labels
+        model = load_structured(auto_class(task).from_config(config), folder, config, record)
+    else:
+        kwargs: dict[str, Any] = {}
+        if task == "classification":
+            kwargs["num_labels"] = getattr(config, "num_labels", num_labels)
+        model = auto_class(task).from_pretrained(folder, **kwargs)
+    model = model.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, record
+
+
+def loader_for_config(config: Any) -> str | None:
+    """The loader a folder needs according to its config alone (for folders whose record names none)."""
+    holder = nn.Module()
+    holder.config = config  # type: ignore[assignment]
+    return loader_for(holder)

@@ -18,7 +18,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.record import FACTORISED_ATTR, STRUCTURE_ATTR
-from prunekit.surgery import shrink_to
+from prunekit.surgery import LowRankLinear, shrink_to
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -53,19 +53,8 @@ def load_weights(model: nn.Module, folder: Path) -> None:
                             "the folder and its prunekit record disagree, save the model again")
 
 
-def build_model(config: Any, task: str, num_labels: int) -> nn.Module:
-    """A freshly initialised model of the config's architecture for ``task``."""
-    from prunekit.models import auto_class
-
-    if task == "classification" and not getattr(config, "num_labels", None):
-        config.num_labels = num_labels
-    return auto_class(task).from_config(config)
-
-
 def apply_factorised(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
     """Replace each named layer by an empty two-factor layer of the recorded rank."""
-    from prunekit.methods.flop import LowRankLinear
-
     for name, info in layers.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -73,9 +62,8 @@ def apply_factorised(model: nn.Module, layers: dict[str, dict[str, Any]]) -> Non
         setattr(parent, attr, layer)
 
 
-def load_structured(folder: Path, config: Any, record: dict[str, Any], task: str, num_labels: int) -> nn.Module:
-    """The prunekit loader for structurally pruned and factorised models; see the module docstring."""
-    model = build_model(config, task, num_labels)
+def load_structured(model: nn.Module, folder: Path, config: Any, record: dict[str, Any]) -> nn.Module:
+    """Cut a freshly built ``model`` to the recorded shapes, then load the folder's weights (module docstring)."""
     shapes = getattr(config, STRUCTURE_ATTR, None) or record.get("structure")
     if shapes:
         shrink_to(model, shapes["layers"] if isinstance(shapes, dict) else shapes)

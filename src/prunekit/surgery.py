@@ -30,9 +30,8 @@ from torch import nn
 from prunekit.adapters import keep_inputs, keep_outputs, structured_adapter, weight_view
 from prunekit.adapters.base import ModelAdapter, get_submodule
 from prunekit.errors import PrunekitError
-from prunekit.models import count_parameters
-
-STRUCTURE_ATTR = "prunekit_structure"
+from prunekit.record import STRUCTURE_ATTR
+from prunekit.utils import count_parameters
 
 
 @dataclass(frozen=True)
@@ -313,3 +312,20 @@ def shrink_to(model: nn.Module, shapes: Sequence[Mapping[str, int]]) -> None:
         neuron_removals[index] = list(range(want["intermediate"], now.intermediate))
     prune_heads(model, head_removals, sync=False)
     prune_neurons(model, neuron_removals, sync=False)
+
+
+# ---- ranks ------------------------------------------------------------------------------------
+class LowRankLinear(nn.Module):
+    """y = P·(Q·x) + b as two dense layers: ``q`` (d_in → rank, no bias), then ``p`` (rank → d_out)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.q = nn.Linear(in_features, rank, bias=False)
+        self.p = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.p(self.q(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

@@ -7,11 +7,12 @@ import os
 import random
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from prunekit.errors import PrunekitError
 
@@ -136,3 +137,31 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a text file through a temporary name, so a reader never sees half a file."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def tensor_key(tensor: torch.Tensor) -> tuple[object, ...]:
+    """Identity of a tensor's memory: device, address, size and dtype (the object's id when it has no storage)."""
+    ptr = tensor.data_ptr()
+    if ptr == 0:  # no storage (e.g. on 'meta', or empty): only the same object is the same tensor
+        return ("id", id(tensor))
+    return (tensor.device.type, tensor.device.index, ptr, tensor.numel(), tensor.dtype)
+
+
+def unique_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors with duplicates (same memory) removed, in first-seen order."""
+    seen: set[tuple[object, ...]] = set()
+    out: list[torch.Tensor] = []
+    for tensor in tensors:
+        key = tensor_key(tensor)
+        if key not in seen:
+            seen.add(key)
+            out.append(tensor)
+    return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters counted from the modules, each shared tensor once (tied embeddings and LM head count once).
+
+    The one parameter count of prunekit: records, size reports and surgery facts all use it.
+    """
+    return sum(param.numel() for param in unique_tensors(model.parameters()))

@@ -22,7 +22,7 @@ from torch import nn
 
 from prunekit.adapters import get_adapter, is_linear, weight_view
 from prunekit.errors import PrunekitError
-from prunekit.models import count_parameters, tensor_key, unique_tensors
+from prunekit.utils import count_parameters, tensor_key, unique_tensors
 
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".gguf")
 

@@ -47,6 +47,8 @@ from prunekit.errors import PrunekitError
 from prunekit.methods.base import TrainingMethod
 from prunekit.methods.registry import MethodConfig, register, setting
 from prunekit.methods.schedule import steps_setting
+from prunekit.record import FACTORISED_ATTR
+from prunekit.surgery import LowRankLinear
 
 LEFT, RIGHT, BETA = -0.1, 1.1, 2.0 / 3.0
 
@@ -118,22 +120,6 @@ def deterministic_gates(log_alpha: torch.Tensor, beta: float = BETA, left: float
 
 
 # ---- layers ---------------------------------------------------------------------------------------------
-class LowRankLinear(nn.Module):
-    """y = P·(Q·x) + b as two dense layers: ``q`` (d_in → rank, no bias), then ``p`` (rank → d_out)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.q = nn.Linear(in_features, rank, bias=False)
-        self.p = nn.Linear(rank, out_features, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.p(self.q(x))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
-
-
 class FactorizedLinear(nn.Module):
     """W = P·diag(z)·Q with hard-concrete gates z: sampled in training, deterministic in eval mode."""
 
@@ -363,9 +349,9 @@ class FlopMethod(TrainingMethod):
         config = getattr(model, "config", None)
         if config is not None:
             if factorised:
-                config.prunekit_factorised = factorised
-            elif hasattr(config, "prunekit_factorised"):
-                delattr(config, "prunekit_factorised")
+                setattr(config, FACTORISED_ATTR, factorised)
+            elif hasattr(config, FACTORISED_ATTR):
+                delattr(config, FACTORISED_ATTR)
         facts = {"method": self.name, "method_settings": self.settings(), "target_sparsity": self.target,
                  "expected_sparsity": expected, "sparsity": 1.0 - kept_params / max(1, self.dense_params),
                  "lambdas": self.lambdas.detach().tolist(), "layers": layers, "factorised": factorised,

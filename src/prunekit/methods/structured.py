@@ -42,6 +42,7 @@ from prunekit.calibration import BlockVisitor, block_output, run_blockwise
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import EngineConfig
 from prunekit.methods.registry import register, setting
+from prunekit.utils import count_parameters
 
 IMPORTANCES = ("magnitude", "wanda", "flap", "taylor")
 ALLOCATIONS = ("uniform", "global")
@@ -405,7 +406,7 @@ def prune_heads_neurons(model: nn.Module, config: HeadsNeuronsConfig, calibratio
     heads = plan_heads(shapes, scores, heads_ratio, allocation, gqa)
     neurons = plan_neurons(shapes, scores, neurons_ratio, allocation)
     attention_delta, mlp_delta = _bias_deltas(adapter, stats, heads, neurons) if compensate and stats else ({}, {})
-    before = surgery.count_parameters(model)
+    before = count_parameters(model)
     with torch.no_grad():
         surgery.prune_heads(model, heads, sync=False)
         surgery.prune_neurons(model, neurons, sync=False)
@@ -504,7 +505,7 @@ def prune_blocks(model: nn.Module, config: BlocksConfig, calibration: torch.Tens
     influence = block_influence(model, calibration, device, batch_size=config.micro_batch_size)
     order = sorted(range(n_blocks), key=lambda i: (influence[i], i))
     removed = sorted(order[:int(remove)])
-    before = surgery.count_parameters(model)
+    before = count_parameters(model)
     surgery.remove_blocks(model, removed)
     facts = surgery.sync_config(model)
     return {"structured": "blocks", "importance": "influence (1 - cos(input, output), ShortGPT)",
