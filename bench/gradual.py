@@ -70,10 +70,14 @@ def one_run(args: argparse.Namespace, method_name: str, sparsity: float) -> dict
     model, tokenizer = load_model(args.model, task="classification", num_labels=len(data.label_names), device="cpu")
     n_train = len(data.splits["train"])
     total = args.max_steps or int(-(-n_train // args.batch_size) * args.epochs)
-    method = build_training_method(method_name, {
+    settings: dict[str, Any] = {
         "sparsity": sparsity, "initial_sparsity": args.initial_sparsity, "update_every": args.update_every,
-        "warmup_steps": steps_value(args.warmup_steps), "final_steps": steps_value(args.final_steps),
-        "sigma0": args.sigma0, "sigma1": args.sigma1, "prior_lambda": args.prior_lambda})
+        "warmup_steps": steps_value(args.warmup_steps), "final_steps": steps_value(args.final_steps)}
+    if method_name == "mgpp":  # the prior's settings belong to mgpp alone
+        settings.update(sigma0=args.sigma0, sigma1=args.sigma1, prior_lambda=args.prior_lambda)
+    if method_name == "none":  # the dense baseline takes no pruning settings
+        settings = {}
+    method = build_training_method(method_name, settings)
     config = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                          max_length=args.max_length, eval_steps=max(1, total // args.evals), save_steps=0,
                          max_eval_examples=args.eval_examples, eval_batch_size=128, seed=args.seed, device="cpu")

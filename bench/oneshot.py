@@ -95,6 +95,7 @@ def run_one(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
     from prunekit.data import calibration_batch, eval_tokens, load_data
     from prunekit.evaluate import perplexity
+    from prunekit.methods import get_method
     from prunekit.models import load_model
     from prunekit.pruning import prune
 
@@ -111,7 +112,10 @@ def run_one(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         out["weights_abs_sum"] = touched
         exact_peak = reset_peak()
         start, cpu = time.perf_counter(), time.process_time()
-        result = prune(model, dict(run, seed=args.seed), calib, device=args.device, progress=False)
+        settings = dict(run)
+        if "seed" in get_method(run["method"]).config.names():  # random's seed; the others take none
+            settings["seed"] = args.seed
+        result = prune(model, settings, calib, device=args.device, progress=False)
         out["prune_s"] = time.perf_counter() - start
         out["prune_cpu_s"] = time.process_time() - cpu  # all threads; wall time on a busy machine overstates
         out["load_during_prune"] = os.getloadavg()[0]

@@ -17,10 +17,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": "prunekit.models",
-    "load": "prunekit.export",
+    "load": "prunekit.models",
     "save_model": "prunekit.export",
     "prune": "prunekit.pruning",
-    "PruneConfig": "prunekit.pruning",
+    "method_config": "prunekit.methods",
+    "RunRecord": "prunekit.record",
     "load_data": "prunekit.data",
     "calibration_batch": "prunekit.data",
     "get_adapter": "prunekit.adapters",

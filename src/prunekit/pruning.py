@@ -25,7 +25,7 @@ from torch import nn
 from prunekit.adapters import get_adapter, is_linear, weight_view
 from prunekit.calibration import BlockVisitor, EngineReport, Observer, run_blockwise, single_thread
 from prunekit.errors import PrunekitError
-from prunekit.masks import Structure, apply_mask, check_nm, layer_report
+from prunekit.masks import Structure, apply_mask, check_nm, layer_report, total_sparsity
 from prunekit.methods import config_for
 from prunekit.methods.base import LayerwiseMethod, SparsityConfig
 from prunekit.methods.registry import MethodConfig, MethodSpec
@@ -251,7 +251,4 @@ def _result(config: MethodConfig, target: float | None, layers: dict[str, nn.Mod
     report = layer_report(layers)
     for name, info in report.items():
         info["target"] = targets.get(name)
-    params = sum(int(info["params"]) for info in report.values())  # type: ignore[call-overload]
-    nonzero = sum(int(info["nonzero"]) for info in report.values())  # type: ignore[call-overload]
-    achieved = 1.0 - nonzero / params if params else 0.0
-    return PruneResult(config, target, achieved, report, block_sparsity, ratios, timing, extra, kind)
+    return PruneResult(config, target, total_sparsity(report), report, block_sparsity, ratios, timing, extra, kind)

@@ -11,8 +11,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from prunekit.cli.common import add_common, maybe_print_config, resolve
-from prunekit.cli.train import TRAIN_DEFAULTS, add_training_flags, print_outcome
+from prunekit.cli.common import (
+    TRAIN_DEFAULTS,
+    add_common,
+    add_training_flags,
+    maybe_print_config,
+    print_outcome,
+    resolve,
+)
 from prunekit.errors import PrunekitError
 
 DEFAULTS: dict[str, Any] = {

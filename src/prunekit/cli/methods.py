@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
             except Exception:  # a config whose defaults are incomplete: nothing to say  # noqa: BLE001
                 calibration = ""
         table = Table(title=f"{spec.name}  ({spec.kind}: {command} --method {spec.name}{calibration})",
-                      caption=spec.description, title_justify="left", caption_justify="left")
+                      caption=spec.description, title_justify="left", caption_justify="left", min_width=100)
         for column in ("setting", "type", "default", "flag", "help"):
             table.add_column(column, overflow="fold")
         for info in spec.config.settings():
