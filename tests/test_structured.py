@@ -303,3 +303,23 @@ def test_cli_prune_heads_neurons_and_blocks(make_tiny_model: Callable[..., nn.Mo
     err = capsys.readouterr().err.strip()
     assert "remove at most 2" in err and len(err.splitlines()) == 1
     assert not refused.exists() and not list(tmp_path.glob(".refused*"))
+
+
+def test_python_api_record_reloads_global_allocation_without_naming_a_loader(
+        make_tiny_model: Callable[..., nn.Module], tmp_path: Path) -> None:
+    """The README's API path: save_model(..., record={"pruning": result}); the loader comes from the model."""
+    model = make_tiny_model("llama", **GQA)
+    with torch.no_grad():
+        mlp = model.model.layers[2].mlp
+        for layer in (mlp.gate_proj, mlp.up_proj):
+            layer.weight[:56].mul_(0.02)
+        mlp.down_proj.weight[:, :56].mul_(0.02)
+    result = prune(model, {"method": "heads-neurons", "ratio": 0.4, "importance": "wanda", "allocation": "global"},
+                   calib(), progress=False)
+    assert not result.extra["uniform"]
+    out = save_model(model, None, tmp_path / "api", record={"pruning": result})
+    loaded, _, record = load(out)
+    assert record["loader"] == "structured" and record["method"] == "heads-neurons"
+    assert record["kind"] == "structured" and record["method_settings"]["allocation"] == "global"
+    tokens = calib(2, 8, seed=5)
+    assert torch.allclose(logits(loaded, tokens), logits(model, tokens), atol=1e-6)
