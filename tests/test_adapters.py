@@ -29,6 +29,7 @@ from prunekit.adapters import (
 )
 from prunekit.adapters.bert import BertAdapter, DistilBertAdapter
 from prunekit.adapters.gpt2 import GPT2Adapter
+from prunekit.adapters.gpt_neox import GPTNeoXAdapter
 from prunekit.adapters.llama import LlamaAdapter
 from prunekit.adapters.opt import OPTAdapter
 from prunekit.errors import PrunekitError
@@ -42,7 +43,7 @@ EXPECTED = {
     "opt": (OPTAdapter, "model.decoder.layers", 6, 4, 4, 8, 32, 64),
     "bert": (BertAdapter, "bert.encoder.layer", 6, 4, 4, 8, 32, 64),
     "distilbert": (DistilBertAdapter, "distilbert.transformer.layer", 6, 4, 4, 8, 32, 64),
-    "gpt_neox": (GenericAdapter, "gpt_neox.layers", 4, 4, 4, 8, 32, 64),
+    "gpt_neox": (GPTNeoXAdapter, "gpt_neox.layers", 4, 4, 4, 8, 32, 64),
 }
 FAMILIES = list(EXPECTED)
 
@@ -164,8 +165,7 @@ def test_weight_view_refuses_other_layers():
 def test_generic_adapter_finds_blocks_through_no_split_modules(make_tiny_model):
     model = make_tiny_model("gpt_neox")
     assert model.config.model_type == "gpt_neox"
-    adapter = get_adapter(model)
-    assert isinstance(adapter, GenericAdapter)
+    adapter = GenericAdapter(model)  # what a family without an adapter gets
     assert adapter.blocks() is model.gpt_neox.layers
     assert set(adapter.block_linear_names()) == {"attention.query_key_value", "attention.dense",
                                                  "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"}
@@ -177,7 +177,7 @@ def test_generic_adapter_finds_blocks_through_no_split_modules(make_tiny_model):
 def test_generic_adapter_falls_back_to_the_largest_list_of_blocks(make_tiny_model):
     model = make_tiny_model("gpt_neox", num_hidden_layers=3)
     model._no_split_modules = None
-    adapter = get_adapter(model)
+    adapter = GenericAdapter(model)
     assert adapter.blocks() is model.gpt_neox.layers
     assert len(adapter.prunable_layers()) == 3 * 4
 
@@ -349,8 +349,11 @@ def test_llama_family_config_switches(make_tiny_model):
 
 def test_structured_layouts_are_refused_by_the_adapter(make_tiny_model, tiny_llama):
     structured_adapter(tiny_llama)  # names everything: accepted
-    with pytest.raises(PrunekitError, match="model type 'gpt_neox' has no adapter") as info:
-        structured_adapter(make_tiny_model("gpt_neox"))
+    from transformers import BloomConfig, BloomForCausalLM
+
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4))  # no adapter
+    with pytest.raises(PrunekitError, match="model type 'bloom' has no adapter") as info:
+        structured_adapter(bloom)
     assert "\n" not in str(info.value)
 
     class NoMlp(LlamaAdapter):

@@ -15,13 +15,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "prunekit"
 LAYERS: list[tuple[str, ...]] = [
     ("prunekit", "errors", "utils", "record"),  # the root package names its API lazily, by strings
     ("adapters", "data"),
-    ("masks", "calibration", "surgery", "structured_load"),
+    ("masks", "calibration", "surgery", "structured_load", "compressed_load"),
     ("models",),
     ("methods", "pruning"),
     ("finetune",),
     ("evaluate",),
     ("export",),
     ("jobs",),
+    ("study",),
+    ("report",),
     ("cli",),
 ]
 

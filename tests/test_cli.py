@@ -137,7 +137,7 @@ def test_yaml_beats_defaults_and_flags_beat_yaml(capsys, tmp_path):
     assert settings["stride"] == 64  # YAML over default
     assert settings["data"] == "austen"
     assert settings["latency"] is False  # YAML false is kept: an unset flag does not hide it
-    assert settings["batch_size"] == 1  # default
+    assert settings["batch_size"] is None  # default: 1 window per forward, 8 lm-eval requests
     assert settings["device"] == "auto"
 
 
@@ -180,7 +180,7 @@ def test_bad_config_files(capsys, tmp_path, content, fragment):
 
 def test_eval_without_model_or_data(capsys):
     assert_one_line_error(*run(capsys, "eval", "--data", "austen")[::2], "no model given")
-    assert_one_line_error(*run(capsys, "eval", "smollm2-135m")[::2], "no dataset given")
+    assert_one_line_error(*run(capsys, "eval", "smollm2-135m")[::2], "nothing to evaluate", "--data", "--tasks")
 
 
 def test_unknown_model(capsys, data_ready, text_file):

@@ -37,7 +37,8 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
     """Load, calibrate, prune, (evaluate dense and pruned the same way), save; returns what was done.
 
     ``settings``: model, task, calib, calib_samples, seq_len, eval, eval_tokens, eval_seq_len, latency,
-    device, dtype, seed, out, overwrite (as resolved by ``prunekit prune``).
+    device, dtype, seed, out, overwrite (as resolved by ``prunekit prune``); optional: bos, tasks,
+    num_fewshot, limit (lm-eval tasks measured on the dense and the pruned model).
     """
     from prunekit.data import TextData, calibration_batch, load_data
     from prunekit.models import infer_task, load_model
@@ -45,6 +46,7 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
     from prunekit.utils import check_output_dir, set_seed
 
     check_output_dir(settings["out"], bool(settings["overwrite"]))  # before the long work
+    export = export_settings(settings, config)
     started = time.perf_counter()
     seed = int(settings["seed"])
     set_seed(seed)
@@ -53,7 +55,16 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
         raise PrunekitError(f"calibration set '{settings['calib']}' holds labelled examples, not text: "
                             "use a text set such as austen, wikitext2 or text:PATH")
     eval_data = load_data(settings["eval"]) if settings["eval"] else None
+    measure = eval_data is not None or bool(settings.get("tasks"))
+    if settings.get("tasks"):
+        from prunekit.evaluate.harness import lm_eval_version
+
+        lm_eval_version()  # a missing lm-eval fails before the long work
     model, tokenizer = load_model(settings["model"], task=settings["task"], device="cpu", dtype=settings["dtype"])
+    if export is not None:
+        from prunekit.export import export_layers
+
+        export_layers(model, export, check_zeros=False)  # layer types, int4 groups: before the long work
     loaded = time.perf_counter()
     calibration = None
     calib_record: dict[str, Any] | None = None
@@ -63,13 +74,13 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
         calib_record = {"data": settings["calib"], "split": "calibration", "samples": int(calibration.shape[0]),
                         "seq_len": int(calibration.shape[1]), "seed": seed}
     evaluation: dict[str, Any] = {}
-    if eval_data is not None:
+    if measure:
         evaluation["dense"] = _evaluate(model, tokenizer, eval_data, settings, path=_source_folder(settings["model"]))
         model.to("cpu")  # the engine moves one block at a time to the device
     prepared = time.perf_counter()
     result = prune(model, config, calibration, device=settings["device"], progress=True)
     pruned_at = time.perf_counter()
-    if eval_data is not None:
+    if measure:
         model.to("cpu")
         evaluation["pruned"] = _evaluate(model, tokenizer, eval_data, settings)
         if settings["latency"]:
@@ -81,20 +92,49 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
     record.timing = timing
     if evaluation:
         record.evaluation = evaluation
-    from prunekit.export import save_model
+    from prunekit.export import export_model, save_model
 
-    out = save_model(model, tokenizer, settings["out"], record, overwrite=bool(settings["overwrite"]))
+    if export is None:
+        out = save_model(model, tokenizer, settings["out"], record, overwrite=bool(settings["overwrite"]))
+    else:
+        out = export_model(model, tokenizer, settings["out"], export, record, overwrite=bool(settings["overwrite"]))
     return PruneJob(record.to_dict(), result, out, evaluation, {**timing, "total_s": time.perf_counter() - started})
+
+
+def export_settings(settings: dict[str, Any], config: MethodConfig) -> Any:
+    """The compressed export asked for by --export-format (None: a plain folder), checked before any work."""
+    if not settings.get("export_format"):
+        return None
+    from prunekit.export import ExportSettings
+
+    export = ExportSettings(format=str(settings["export_format"]), dtype=str(settings.get("export_dtype") or
+                                                                                 "bfloat16"),
+                            quantize=str(settings.get("export_quantize") or "none"))
+    if export.format == "sparse-24-bitmask" and str(getattr(config, "structure", "")) != "2:4":
+        raise PrunekitError("--export-format sparse-24-bitmask needs 2:4 zeros: add --structure 2:4, "
+                            "or use --export-format sparse-bitmask")
+    return export
 
 
 def _evaluate(model: Any, tokenizer: Any, data: Any, settings: dict[str, Any], path: str | None = None
               ) -> dict[str, Any]:
-    """Quality and size, measured the same way for the dense and the pruned model (latency apart, interleaved)."""
+    """Quality and size, measured the same way for the dense and the pruned model (latency apart, interleaved).
+
+    A local text file is scored whole, unless it is also the calibration set: then its held-out eval split.
+    """
+    from prunekit.data.core import WHOLE_SPLIT
     from prunekit.evaluate import evaluate
 
     seq_len = int(settings["eval_seq_len"] or settings["seq_len"])
+    split = "eval"
+    if data is not None and WHOLE_SPLIT in data.splits and settings["eval"] != settings.get("calib"):
+        split = WHOLE_SPLIT
+    limit = settings.get("limit")
     return evaluate(model, tokenizer, data, seq_len=seq_len, max_tokens=settings["eval_tokens"], path=path,
-                    device=settings["device"], measure_latency=False, progress=True)
+                    device=settings["device"], measure_latency=False, progress=True, split=split,
+                    bos=bool(settings.get("bos", True)), tasks=settings.get("tasks"),
+                    num_fewshot=settings.get("num_fewshot"), seed=int(settings["seed"]),
+                    limit=int(limit) if limit is not None and float(limit) >= 1 else limit)
 
 
 def _compare_latency(settings: dict[str, Any], spec: MethodSpec, pruned: Any, tokenizer: Any) -> dict[str, Any]:

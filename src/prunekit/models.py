@@ -26,7 +26,7 @@ from prunekit.utils import atomic_dir, cache_dir, resolve_device, resolve_dtype
 RECORD_NAME = "prunekit.json"
 KNOWN_LOADERS = (LOADER, "flop")  # "flop": the name records of prunekit 0.1 used for factorised models
 
-TASKS = ("causal-lm", "classification", "base")
+TASKS = ("causal-lm", "classification", "seq2seq-lm", "base")  # seq2seq-lm: an encoder-decoder with its LM head
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,13 @@ def builtin_folder(name: str, progress: bool = True) -> Path:
 
 def convert_gguf(gguf_file: Path, out: Path, progress: bool = True) -> Path:
     """Dequantise a GGUF file with transformers and save it as a plain float32 safetensors folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     if progress:
         print(f"prunekit: converting {gguf_file.name} once into {out} (float32 safetensors)")
-    quantized = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    gguf_config = AutoConfig.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    auto = AutoModelForSeq2SeqLM if getattr(gguf_config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    quantized = auto.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     config = quantized.config
     if hasattr(config, "quantization_config"):
@@ -108,12 +110,100 @@ def convert_gguf(gguf_file: Path, out: Path, progress: bool = True) -> Path:
     return out
 
 
+def gguf_folder(gguf_file: Path, progress: bool = True) -> Path:
+    """The cached float32 safetensors folder of a GGUF file given by path, converted on first use.
+
+    The cache entry is keyed by the file's path, size and modification time, so a changed file is
+    converted again. Refused in one line: a file that is not GGUF (or cut short), an architecture
+    transformers' GGUF loader does not read.
+    """
+    import hashlib
+
+    file = gguf_file.expanduser().resolve()
+    stat = file.stat()
+    key = hashlib.sha256(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / "gguf" / f"{file.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    architecture = gguf_architecture(file)
+    try:
+        convert_gguf(file, target, progress=progress)
+    except (ValueError, OSError, KeyError, RuntimeError, TypeError) as exc:
+        from transformers import __version__ as version
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        if "not supported" in str(exc):
+            readable = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+            raise PrunekitError(f"'{gguf_file}' holds a '{architecture}' model, an architecture transformers {version} "
+                                f"cannot read from GGUF (it reads {readable}): convert it to a safetensors folder "
+                                "elsewhere, or upgrade transformers") from exc
+        raise PrunekitError(f"cannot convert the GGUF file '{gguf_file}' ({_first_line(exc)}): check the file, or "
+                            "convert it to a safetensors folder elsewhere") from exc
+    return target
+
+
+def gguf_architecture(file: Path) -> str:
+    """The ``general.architecture`` a GGUF file names; one-line error for a file that is not GGUF or is cut short."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(str(file)).fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    except ImportError as exc:
+        raise PrunekitError("reading GGUF files needs the gguf package: pip install gguf") from exc
+    except Exception as exc:  # the reader raises many kinds on a damaged file
+        raise PrunekitError(f"'{file}' is not a readable GGUF file ({_first_line(exc)}): check it is complete "
+                            "(a download cut short?) and really GGUF") from exc
+
+
+def check_weight_files(folder: Path) -> None:
+    """One-line error for a folder whose safetensors weights are missing a shard or cut short (headers only read)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+            raise PrunekitError(f"'{index}' is damaged ({_first_line(exc)}): copy or save the model again") from exc
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise PrunekitError(f"'{folder}' lacks the weight shard {missing[0]} that {index.name} lists "
+                                f"({len(missing)} of {len(names)} missing): copy the missing shards, or save the "
+                                "model again")
+    else:
+        names = [file.name for file in sorted(folder.glob("*.safetensors"))]
+    for name in names:
+        try:
+            with safe_open(str(folder / name), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own error type for a damaged header
+            raise PrunekitError(f"'{folder / name}' is damaged ({_first_line(exc)}): the file was cut short or "
+                                "corrupted; copy or save the model again") from exc
+
+
+def _check_config(source: str, name_or_path: str) -> Any:
+    """The folder's config, or a one-line error naming a model type transformers does not know."""
+    from transformers import AutoConfig
+    from transformers import __version__ as version
+
+    try:
+        return AutoConfig.from_pretrained(source)
+    except ValueError as exc:
+        if Path(source).is_dir() and "model type" in str(exc):
+            model_type = json.loads((Path(source) / "config.json").read_text()).get("model_type")
+            raise PrunekitError(f"'{name_or_path}' is a model of type '{model_type}', which transformers {version} "
+                                "does not know, so prunekit has no way to build it: upgrade transformers, or fix "
+                                "model_type in its config.json") from exc
+        raise
+
+
 def auto_class(task: str) -> Any:
     """The transformers Auto class for a prunekit task name."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     classes = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification,
-               "base": AutoModel}
+               "seq2seq-lm": AutoModelForSeq2SeqLM, "base": AutoModel}
     if task not in classes:
         raise PrunekitError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
     return classes[task]
@@ -126,6 +216,8 @@ def infer_task(config: Any) -> str:
             return "causal-lm"
         if arch.endswith("ForSequenceClassification"):
             return "classification"
+        if arch.endswith("ForConditionalGeneration") and getattr(config, "is_encoder_decoder", False):
+            return "seq2seq-lm"
     return "base"
 
 
@@ -139,6 +231,8 @@ def resolve_model_source(name_or_path: str, progress: bool = True) -> tuple[str,
     if name_or_path in BUILTIN_MODELS:
         return str(builtin_folder(name_or_path, progress=progress)), name_or_path
     path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(gguf_folder(path, progress=progress)), None
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
             raise PrunekitError(f"'{name_or_path}' is not a model folder (no config.json): "
@@ -161,16 +255,18 @@ def load_model(name_or_path: str, task: str | None = None, num_labels: int = 2, 
     config's architectures name. A folder written by prunekit is loaded through `prunekit.load`,
     so structurally pruned models come back with their new shapes.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     source, builtin = resolve_model_source(name_or_path, progress=progress)
     torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
-    if Path(source).is_dir() and (Path(source) / RECORD_NAME).exists():
+    if Path(source).is_dir() and ((Path(source) / RECORD_NAME).exists() or _compressed(Path(source))):
         model, tokenizer, _record = load(source, task=task, num_labels=num_labels, device=target, dtype=torch_dtype)
         return model, tokenizer
+    if Path(source).is_dir():
+        check_weight_files(Path(source))
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = _check_config(source, name_or_path)
         if task is None:
             task = BUILTIN_MODELS[builtin].task if builtin else infer_task(config)
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -195,6 +291,12 @@ def load_model(name_or_path: str, task: str | None = None, num_labels: int = 2, 
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model.to(target), tokenizer
+
+
+def _compressed(folder: Path) -> bool:
+    from prunekit.compressed_load import compression_config
+
+    return compression_config(folder) is not None
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:
@@ -275,25 +377,39 @@ def read_record(path: str | Path) -> dict[str, Any]:
 
 def load(path: str | Path, task: str | None = None, num_labels: int = 2, device: str | torch.device | None = "cpu",
          dtype: str | torch.dtype | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Load (model, tokenizer, record) from a folder saved by prunekit."""
-    from transformers import AutoConfig, AutoTokenizer
+    """Load (model, tokenizer, record) from a folder saved by prunekit.
+
+    A compressed-tensors folder (``prunekit export``; its record is optional) is decompressed into the plain
+    model: bitmasks unpacked, quantised weights dequantised (:mod:`prunekit.compressed_load`).
+    """
+    from transformers import AutoTokenizer
+
+    from prunekit.compressed_load import compression_config
 
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise PrunekitError(f"'{path}' is not a model folder (no config.json): give a folder written by prunekit")
-    record = read_record(folder)
-    config = AutoConfig.from_pretrained(folder)
+    compressed = compression_config(folder)  # compressed-tensors folders are decompressed here, not by transformers
+    record = read_record(folder) if compressed is None or (folder / RECORD_NAME).exists() else {}
+    check_weight_files(folder)
+    config = _check_config(str(folder), str(path))
     task = task or record.get("task") or infer_task(config)
     loader_name = record.get("loader") or loader_for_config(config)
-    if loader_name:
-        if loader_name not in KNOWN_LOADERS:
+    state = None
+    if compressed is not None:
+        from prunekit.compressed_load import read_compressed
+
+        state = read_compressed(folder, compressed)
+        del config.quantization_config
+    if loader_name or state is not None:
+        if loader_name and loader_name not in KNOWN_LOADERS:
             raise PrunekitError(f"'{path}' needs the prunekit loader '{loader_name}', which this prunekit lacks: "
                                 "upgrade prunekit")
         from prunekit.structured_load import load_structured
 
         if task == "classification" and not getattr(config, "num_labels", None):
             config.num_labels = num_labels
-        model = load_structured(auto_class(task).from_config(config), folder, config, record)
+        model = load_structured(auto_class(task).from_config(config), folder, config, record, state=state)
     else:
         kwargs: dict[str, Any] = {}
         if task == "classification":

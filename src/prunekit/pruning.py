@@ -76,10 +76,9 @@ class PruneResult:
 def select_layers(model: nn.Module, config: Any) -> list[dict[str, nn.Module]]:
     """The layers to prune, per block (full module name -> layer), after the config's include/exclude patterns."""
     adapter = get_adapter(model)
-    prefix = adapter.blocks_prefix()
     per_block: list[dict[str, nn.Module]] = []
-    for index, block in enumerate(adapter.blocks()):
-        chosen = {f"{prefix}.{index}.{name}": layer for name, layer in adapter.block_linears(block).items()}
+    for block_name, block in adapter.all_blocks():  # every stack: an encoder-decoder's encoder, then its decoder
+        chosen = {f"{block_name}.{name}": layer for name, layer in adapter.block_linears(block).items()}
         per_block.append({name: layer for name, layer in chosen.items() if _wanted(name, config)})
     return per_block
 

@@ -38,9 +38,10 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, folder: Path) -> None:
-    """Load the folder's weights into ``model``; every parameter must be given unless it is tied to one that is."""
-    state = read_safetensors(folder)
+def load_weights(model: nn.Module, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load the folder's weights (or ``state``, read from it) into ``model``; every parameter must be given unless
+    it is tied to one that is."""
+    state = _renamed(model, read_safetensors(folder) if state is None else state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise PrunekitError(f"'{folder}' holds weights the rebuilt model lacks ({unexpected[0]}, ...): "
@@ -53,6 +54,23 @@ def load_weights(model: nn.Module, folder: Path) -> None:
                             "the folder and its prunekit record disagree, save the model again")
 
 
+def _renamed(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The saved weights under the names the model uses: transformers renames some on saving (GPT-NeoX's
+    lm_head is saved as embed_out) and back on loading; a state loaded by hand needs the same renaming."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion mappings saves under the model's own names
+        return state
+    if not isinstance(model, PreTrainedModel):
+        return state
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return state
+    return {rename_source_key(key, renamings, [])[0]: tensor for key, tensor in state.items()}
+
+
 def apply_factorised(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
     """Replace each named layer by an empty two-factor layer of the recorded rank."""
     for name, info in layers.items():
@@ -62,14 +80,17 @@ def apply_factorised(model: nn.Module, layers: dict[str, dict[str, Any]]) -> Non
         setattr(parent, attr, layer)
 
 
-def load_structured(model: nn.Module, folder: Path, config: Any, record: dict[str, Any]) -> nn.Module:
-    """Cut a freshly built ``model`` to the recorded shapes, then load the folder's weights (module docstring)."""
+def load_structured(model: nn.Module, folder: Path, config: Any, record: dict[str, Any],
+                    state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Cut a freshly built ``model`` to the recorded shapes, then load the folder's weights (module docstring).
+
+    ``state``: the weights already read (and decompressed) from the folder; None reads them."""
     shapes = getattr(config, STRUCTURE_ATTR, None) or record.get("structure")
     if shapes:
         shrink_to(model, shapes["layers"] if isinstance(shapes, dict) else shapes)
     factorised = getattr(config, FACTORISED_ATTR, None) or record.get("factorised")
     if factorised:
         apply_factorised(model, factorised)
-    load_weights(model, Path(folder))
+    load_weights(model, Path(folder), state)
     model.eval()
     return model

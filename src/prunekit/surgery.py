@@ -4,18 +4,21 @@ After surgery the model is a normal, smaller model of its family. Whether plain
 ``AutoModelFor*.from_pretrained`` can reload it depends on whether its config can say its shapes:
 
 - FFN neurons: yes when every block keeps the same number (``intermediate_size`` / ``ffn_dim`` / ``n_inner``).
-- Heads: yes for the Llama family (Llama, Qwen2, Mistral...) when every block keeps the same numbers
-  (``num_attention_heads``, ``num_key_value_heads`` and an explicit ``head_dim``); never for GPT-2, OPT
-  and BERT, whose configs derive the head size from ``hidden_size / num_attention_heads``.
+- Heads: yes for the Llama family (Llama, Qwen2, Mistral...) and Phi-3 when every block keeps the same
+  numbers (``num_attention_heads``, ``num_key_value_heads`` and an explicit ``head_dim``); never for GPT-2,
+  GPT-NeoX, Falcon, OPT and BERT, whose configs derive the head size from ``hidden_size / num_attention_heads``.
 - Blocks: always (``num_hidden_layers``, ``layer_types`` and every ``layer_idx`` are renumbered).
 
 Whatever the config cannot say is written to ``config.prunekit_structure`` (per-block heads, key/value
 heads and FFN size); :mod:`prunekit.structured_load` rebuilds such a model before loading its weights.
 
-Grouped-query attention: query head ``h`` reads key/value group ``h // (heads / kv_heads)``. A removal
-is allowed when the groups that keep any query head all keep the same number; a group whose query
-heads are all removed loses its key/value head too. So both "remove whole groups" and "remove the
-same number of query heads from every group" are possible, and anything else is refused.
+Fused q/k/v layers keep the rows of the kept heads in their order, wherever the adapter says a head's rows
+are (:meth:`~prunekit.adapters.base.ModelAdapter.qkv_rows`); query/key norms that span all heads (OLMo 2)
+lose the removed heads' features. Grouped-query attention: query head ``h`` reads key/value group
+``h // (heads / kv_heads)``. A removal is allowed when the groups that keep any query head all keep the
+same number; a group whose query heads are all removed loses its key/value head too. So both "remove
+whole groups" and "remove the same number of query heads from every group" are possible, and anything
+else is refused.
 """
 
 from __future__ import annotations
@@ -65,8 +68,8 @@ def block_shape(adapter: ModelAdapter, block: nn.Module) -> LayerShape:
     """The heads, key/value heads and FFN neurons a block has now, read from its layers."""
     head_dim = adapter.head_dim()
     heads = weight_view(get_submodule(block, adapter.o_proj)).shape[1] // head_dim
-    if adapter.qkv_fused:
-        kv_heads = heads
+    if adapter.qkv_fused:  # heads + 2 · kv_heads heads of rows
+        kv_heads = (weight_view(get_submodule(block, adapter.qkv_fused)).shape[0] // head_dim - heads) // 2
     else:
         kv_heads = weight_view(get_submodule(block, adapter.k_proj or "")).shape[0] // head_dim
     intermediate = weight_view(get_submodule(block, adapter.mlp_out)).shape[1]
@@ -116,8 +119,9 @@ def _set_head_attributes(attention: nn.Module, heads: int, kv_heads: int, head_d
         for name in ("num_heads", "num_attention_heads", "n_heads", "n_head"):
             if isinstance(getattr(module, name, None), int):
                 setattr(module, name, heads)
-        if isinstance(getattr(module, "num_key_value_heads", None), int):
-            module.num_key_value_heads = kv_heads
+        for name in ("num_key_value_heads", "num_kv_heads"):
+            if isinstance(getattr(module, name, None), int):
+                setattr(module, name, kv_heads)
         if isinstance(getattr(module, "num_key_value_groups", None), int):
             module.num_key_value_groups = heads // kv_heads
         for name in ("all_head_size", "split_size", "inner_dim"):
@@ -139,23 +143,70 @@ def prune_heads(model: nn.Module, removals: Mapping[int, Sequence[int]], sync: b
             raise PrunekitError(f"block {index} does not exist: the model has {len(blocks)} blocks")
         shape = block_shape(adapter, blocks[index])
         plans[index] = (shape, *check_head_removal(shape.heads, shape.kv_heads, remove, f"block {index}: "))
+        for name, count in zip(adapter.head_norms, (shape.heads, shape.kv_heads), strict=False):
+            _head_norm(blocks[index], name, count * head_dim, head_dim)  # refuses an unknown size before any change
+    if any(len(kept_q) < shape.heads for shape, kept_q, _ in plans.values()):
+        adapter.check_head_removal()
+        if adapter.heads_from_config:
+            _check_same_heads(adapter, plans)
     for index, (shape, kept_q, kept_groups) in plans.items():
         if len(kept_q) == shape.heads:
             continue
         block = blocks[index]
         q_rows, kv_rows = _rows(kept_q, head_dim), _rows(kept_groups, head_dim)
         if adapter.qkv_fused:
-            split = shape.heads * head_dim
-            fused = torch.cat([q_rows, split + kv_rows, 2 * split + kv_rows])
-            keep_outputs(get_submodule(block, adapter.qkv_fused), fused)
+            q, k, v = adapter.qkv_rows(shape.heads, shape.kv_heads, head_dim)
+            fused = torch.cat([q[kept_q].reshape(-1), k[kept_groups].reshape(-1), v[kept_groups].reshape(-1)])
+            keep_outputs(get_submodule(block, adapter.qkv_fused), fused.sort().values)
         else:
             keep_outputs(get_submodule(block, adapter.q_proj or ""), q_rows)
             keep_outputs(get_submodule(block, adapter.k_proj or ""), kv_rows)
             keep_outputs(get_submodule(block, adapter.v_proj or ""), kv_rows)
         keep_inputs(get_submodule(block, adapter.o_proj), q_rows)
+        for name, rows, count in zip(adapter.head_norms, (q_rows, kv_rows), (shape.heads, shape.kv_heads),
+                                     strict=False):
+            norm = _head_norm(block, name, count * head_dim, head_dim)
+            if norm is not None:
+                _keep_norm_features(norm, rows)
         _set_head_attributes(adapter.attention(block), len(kept_q), len(kept_groups), head_dim)
     if sync:
         sync_config(model)
+
+
+def _check_same_heads(adapter: ModelAdapter, plans: Mapping[int, tuple[LayerShape, list[int], list[int]]]) -> None:
+    """Refuse a removal that leaves blocks with different head counts in a family that reads them from the config."""
+    after = {(len(kept_q), len(kept_groups)) for _, kept_q, kept_groups in plans.values()}
+    untouched = {(s.heads, s.kv_heads) for i, block in enumerate(adapter.blocks()) if i not in plans
+                 for s in [block_shape(adapter, block)]}
+    if len(after | untouched) > 1:
+        raise PrunekitError(f"{adapter.family} reads its head count from the config, so every block must keep the "
+                            "same number of heads: use --allocation uniform")
+
+
+def _head_norm(block: nn.Module, name: str, full: int, head_dim: int) -> Any:
+    """The query/key norm ``name`` when it spans all heads (``full`` features); None when absent or per head."""
+    try:
+        norm: Any = get_submodule(block, name)
+    except AttributeError:
+        return None
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.numel() == head_dim:
+        return None
+    if weight.numel() != full:
+        raise PrunekitError(f"{name} has {weight.numel()} features, neither one head ({head_dim}) nor all heads "
+                            f"({full}): this attention layout is not supported for head removal")
+    return norm
+
+
+def _keep_norm_features(norm: Any, rows: torch.Tensor) -> None:
+    """Keep only the features ``rows`` of a norm's weight and bias."""
+    for attr in ("weight", "bias"):
+        param = getattr(norm, attr, None)
+        if isinstance(param, nn.Parameter):
+            setattr(norm, attr, nn.Parameter(param.data[rows.to(param.device)].clone(),
+                                             requires_grad=param.requires_grad))
+    if isinstance(getattr(norm, "normalized_shape", None), tuple):
+        norm.normalized_shape = (len(rows),)
 
 
 # ---- FFN neurons ------------------------------------------------------------------------------
@@ -178,8 +229,10 @@ def prune_neurons(model: nn.Module, removals: Mapping[int, Sequence[int]], sync:
         plans[index] = torch.tensor([n for n in range(size) if n not in removed], dtype=torch.long)
     for index, keep in plans.items():
         block = blocks[index]
+        size = block_shape(adapter, block).intermediate
+        rows = torch.cat([keep + part * size for part in range(adapter.mlp_in_chunks)])  # gate/up halves alike
         for name in adapter.mlp_in:
-            keep_outputs(get_submodule(block, name), keep)
+            keep_outputs(get_submodule(block, name), rows)
         keep_inputs(get_submodule(block, adapter.mlp_out), keep)
         for name in (*adapter.mlp_in, adapter.mlp_out):
             parent: Any = get_submodule(block, name.rpartition(".")[0])

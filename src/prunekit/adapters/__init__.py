@@ -11,8 +11,10 @@ from torch import nn
 
 from prunekit.adapters.base import ModelAdapter
 from prunekit.adapters.bert import BertAdapter, DistilBertAdapter
+from prunekit.adapters.falcon import FalconAdapter
 from prunekit.adapters.generic import GenericAdapter
 from prunekit.adapters.gpt2 import GPT2Adapter
+from prunekit.adapters.gpt_neox import GPTNeoXAdapter
 from prunekit.adapters.heads import ModelHead, model_head
 from prunekit.adapters.layers import (
     LINEAR_TYPES,
@@ -25,8 +27,10 @@ from prunekit.adapters.layers import (
 )
 from prunekit.adapters.llama import LlamaAdapter
 from prunekit.adapters.opt import OPTAdapter
+from prunekit.adapters.phi3 import Phi3Adapter
 
-ADAPTERS: list[type[ModelAdapter]] = [LlamaAdapter, GPT2Adapter, OPTAdapter, BertAdapter, DistilBertAdapter]
+ADAPTERS: list[type[ModelAdapter]] = [LlamaAdapter, Phi3Adapter, GPT2Adapter, GPTNeoXAdapter, FalconAdapter, OPTAdapter,
+                                      BertAdapter, DistilBertAdapter]
 
 
 def register_adapter(adapter: type[ModelAdapter]) -> type[ModelAdapter]:

@@ -8,8 +8,9 @@ A new family is one small file that subclasses :class:`ModelAdapter` and sets cl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from prunekit.adapters.layers import is_linear
@@ -25,15 +26,23 @@ class ModelAdapter:
     """Names of the parts of one model family.
 
     Paths are relative: ``blocks_path`` to ``model.base_model``; the others to one block.
-    ``qkv_fused`` is set instead of q/k/v for families that compute q, k and v in one layer.
+    ``stack_paths``: several block lists run one after the other (an encoder and a decoder); empty for
+    one list at ``blocks_path``. ``qkv_fused`` is set instead of q/k/v for families that compute q, k
+    and v in one layer; :meth:`qkv_rows` says which of its rows belong to which head.
+    ``mlp_in_chunks``: each MLP input layer holds this many equal parts, one per FFN neuron each (Phi-3's
+    gate_up_proj: 2). ``head_norms``: norms applied to the whole query (first) and key (second) vector;
+    those whose size spans all heads (OLMo 2) lose the rows of removed heads, per-head ones (Qwen3) stay.
     ``config_head_dim``: the config has an explicit ``head_dim`` that the attention reads, so heads
-    can be removed and the config still describes the model. ``bias_flags``: the config switches
-    that give (attention layers, MLP layers) biases, or None when the family has no such switches.
+    can be removed and the config still describes the model. ``heads_from_config``: the attention
+    reads its head count from the shared config at run time, so every block must keep the same number.
+    ``bias_flags``: the config switches that give (attention layers, MLP layers) biases, or None when
+    the family has no such switches.
     """
 
     family: ClassVar[str] = "base"
     model_types: ClassVar[tuple[str, ...]] = ()
     blocks_path: ClassVar[str] = ""
+    stack_paths: ClassVar[tuple[str, ...]] = ()
     attention_path: ClassVar[str] = ""
     q_proj: ClassVar[str | None] = None
     k_proj: ClassVar[str | None] = None
@@ -42,7 +51,10 @@ class ModelAdapter:
     o_proj: ClassVar[str] = ""
     mlp_in: ClassVar[tuple[str, ...]] = ()
     mlp_out: ClassVar[str] = ""
+    mlp_in_chunks: ClassVar[int] = 1
+    head_norms: ClassVar[tuple[str, ...]] = ()
     config_head_dim: ClassVar[bool] = False
+    heads_from_config: ClassVar[bool] = False
     bias_flags: ClassVar[tuple[str, str] | None] = None
     # config attribute names (first one that exists is used)
     heads_attrs: ClassVar[tuple[str, ...]] = ("num_attention_heads", "n_head", "n_heads")
@@ -71,17 +83,57 @@ class ModelAdapter:
 
     def blocks_prefix(self) -> str:
         """Full module name of the block list, as in model.named_modules()."""
-        blocks = self.blocks()
+        return self._module_name(self.blocks())
+
+    def _module_name(self, target: nn.Module) -> str:
         for name, module in self.model.named_modules():
-            if module is blocks:
+            if module is target:
                 return name
         raise PrunekitError(f"{self.family} adapter: block list not found in the model")
 
+    def stacks(self) -> list[nn.ModuleList]:
+        """Every list of blocks, in the order the model runs them (encoder, then decoder)."""
+        if not self.stack_paths:
+            return [self.blocks()]
+        stacks: list[nn.ModuleList] = []
+        for path in self.stack_paths:
+            stack = get_submodule(self.base_model, path)
+            if not isinstance(stack, nn.ModuleList):
+                raise PrunekitError(f"{self.family} adapter: '{path}' is not a list of blocks")
+            stacks.append(stack)
+        return stacks
+
+    def all_blocks(self) -> list[tuple[str, nn.Module]]:
+        """(full module name, block) of every block of every stack, in running order."""
+        return [(f"{self._module_name(stack)}.{index}", block) for stack in self.stacks()
+                for index, block in enumerate(stack)]
+
+    def forward_inputs(self, input_ids: torch.Tensor) -> dict[str, Any]:
+        """The arguments that run the whole model on ``input_ids``.
+
+        An encoder-decoder reads the text with its encoder and, teacher-forced, with its decoder: the
+        decoder's inputs are the same ids shifted right behind the config's decoder start token.
+        """
+        if not getattr(self.config, "is_encoder_decoder", False):
+            return {"input_ids": input_ids}
+        start = getattr(self.config, "decoder_start_token_id", None)
+        if start is None:
+            raise PrunekitError(f"model type '{self._model_type()}' is an encoder-decoder whose config names no "
+                                "decoder_start_token_id: set it in config.json")
+        decoder = torch.cat([torch.full_like(input_ids[:, :1], int(start)), input_ids[:, :-1]], dim=1)
+        return {"input_ids": input_ids, "decoder_input_ids": decoder}
+
     def require_structured(self) -> None:
         """Refuse (one-line PrunekitError) a layout whose attention and MLP layers are not named."""
+        if len(self.stacks()) > 1:
+            raise PrunekitError(f"structured pruning of encoder-decoder models (model type '{self._model_type()}') "
+                                "is not supported: prune them one-shot, unstructured or N:M (e.g. --method wanda)")
         if not self.o_proj or not self.mlp_out or not self.attention_inputs() or not self.mlp_in:
             raise PrunekitError(f"structured pruning needs an adapter that names the attention and MLP layers; "
                                 f"model type '{self._model_type()}' has none: add one in prunekit/adapters")
+
+    def check_head_removal(self) -> None:
+        """Refuse (one-line PrunekitError) removing attention heads when this model's layout cannot lose any."""
 
     def bias_flag(self, part: str) -> str | None:
         """The config switch that gives the ``part`` ("attention" or "mlp") layers biases, if this config has it."""
@@ -121,13 +173,22 @@ class ModelAdapter:
         return out
 
     def prunable_layers(self) -> dict[str, nn.Module]:
-        """All prunable linear layers of the model, by full module name."""
-        prefix = self.blocks_prefix()
+        """All prunable linear layers of the model (every stack's blocks), by full module name."""
         out: dict[str, nn.Module] = {}
-        for index, block in enumerate(self.blocks()):
+        for block_name, block in self.all_blocks():
             for name, module in self.block_linears(block).items():
-                out[f"{prefix}.{index}.{name}"] = module
+                out[f"{block_name}.{name}"] = module
         return out
+
+    def qkv_rows(self, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rows of the fused q/k/v layer of each query head (heads, head_dim), key and value head (kv_heads, head_dim).
+
+        This layout: all query heads, then all key heads, then all value heads (GPT-2, Phi-3). Rows kept in
+        their original order give the same layout with fewer heads.
+        """
+        q = torch.arange(heads * head_dim).reshape(heads, head_dim)
+        k = heads * head_dim + torch.arange(kv_heads * head_dim).reshape(kv_heads, head_dim)
+        return q, k, k + kv_heads * head_dim
 
     # ---- sizes --------------------------------------------------------------------------
     def _config_value(self, attrs: tuple[str, ...]) -> int | None:

@@ -1,7 +1,9 @@
 """Fallback for families without an adapter: blocks found through `_no_split_modules`, layers by type.
 
 Good enough for unstructured and N:M pruning (which only need the linear layers of each block);
-structured pruning needs to know which layer is which and refuses a generic model.
+structured pruning needs to know which layer is which and refuses a generic model. An
+encoder-decoder (T5, BART, ...) has two block lists, found inside its encoder and its decoder; both are
+pruned, or the model is refused when either cannot be found.
 """
 
 from __future__ import annotations
@@ -17,17 +19,37 @@ class GenericAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self._blocks = self._find_blocks()
+        if getattr(self.config, "is_encoder_decoder", False):
+            self._stacks = [self._find_blocks(self._part("get_encoder")), self._find_blocks(self._part("get_decoder"))]
+        else:
+            self._stacks = [self._find_blocks(self.base_model)]
+        self._blocks = self._stacks[0]
 
-    def _find_blocks(self) -> nn.ModuleList:
+    def _part(self, getter: str) -> nn.Module:
+        part = getattr(self.model, getter, None)
+        module = part() if callable(part) else None
+        if not isinstance(module, nn.Module):
+            raise PrunekitError(f"model type '{self._model_type()}' is an encoder-decoder without {getter}(), so its "
+                                "two block lists cannot be found: add an adapter in prunekit/adapters")
+        return module
+
+    def _find_blocks(self, root: nn.Module) -> nn.ModuleList:
         block_types = set(getattr(self.model, "_no_split_modules", None) or [])
-        for module in self.base_model.modules():
-            if isinstance(module, nn.ModuleList) and len(module) > 0:
-                if type(module[0]).__name__ in block_types:
-                    return module
+        found: list[nn.ModuleList] = []
+        for module in root.modules():
+            if isinstance(module, nn.ModuleList) and len(module) > 0 and type(module[0]).__name__ in block_types:
+                if not any(module in set(outer.modules()) for outer in found):  # not a list inside a found block
+                    found.append(module)
+        if len(found) > 1:  # e.g. a vision tower and a language model: pruning one of them would be a silent half
+            names = ", ".join(self._module_name(stack) for stack in found)
+            raise PrunekitError(f"model type '{self._model_type()}' holds {len(found)} stacks of blocks ({names}) "
+                                "and no adapter says which to prune: save the part to prune as a model of its own "
+                                "(e.g. the language model) or add an adapter in prunekit/adapters")
+        if found:
+            return found[0]
         # no declared block type: the largest list of identical modules that hold linear layers
         best: nn.ModuleList | None = None
-        for module in self.base_model.modules():
+        for module in root.modules():
             if isinstance(module, nn.ModuleList) and len(module) > 1:
                 same = len({type(m) for m in module}) == 1
                 has_linear = any(is_linear(m) for m in module[0].modules())
@@ -43,6 +65,9 @@ class GenericAdapter(ModelAdapter):
     def blocks(self) -> nn.ModuleList:
         return self._blocks
 
+    def stacks(self) -> list[nn.ModuleList]:
+        return list(self._stacks)
+
     def block_linear_names(self) -> tuple[str, ...]:
         block = self._blocks[0]
         return tuple(name for name, module in block.named_modules() if name and is_linear(module))
@@ -55,6 +80,8 @@ class GenericAdapter(ModelAdapter):
         return ()
 
     def require_structured(self) -> None:
+        if len(self._stacks) > 1:
+            super().require_structured()  # the encoder-decoder refusal
         raise PrunekitError(
             f"model type '{self._model_type()}' has no adapter, so its attention and MLP layers are unknown: "
             "structured pruning needs an adapter (add one in prunekit/adapters, see adapters/llama.py)")

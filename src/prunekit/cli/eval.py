@@ -1,4 +1,5 @@
-"""`prunekit eval MODEL --data NAME`: perplexity or accuracy, size and speed, under a stated protocol."""
+"""`prunekit eval MODEL --data NAME [--tasks NAMES]`: perplexity or accuracy, lm-eval tasks, size and speed,
+under a stated protocol."""
 
 from __future__ import annotations
 
@@ -11,24 +12,44 @@ from prunekit.cli.common import add_common, maybe_print_config, resolve
 
 DEFAULTS: dict[str, Any] = {
     "model": None, "data": None, "split": None, "seq_len": 512, "stride": None, "max_tokens": 32768,
-    "batch_size": 1, "latency": True, "latency_seq_len": 128, "gen_tokens": 32, "json": None, "task": None,
+    "batch_size": None, "latency": True, "latency_seq_len": 128, "gen_tokens": 32, "json": None, "task": None,
+    "bos": True, "tasks": None, "num_fewshot": None, "limit": None,
 }
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "eval", help="measure a model: perplexity/accuracy, parameters, sparsity, bytes, latency",
-        description="Evaluate a model (built-in name, folder or hub id) on a dataset. Perplexity uses "
-                    "windows of --seq-len tokens with --stride (default: non-overlapping) over the first "
-                    "--max-tokens tokens of the evaluation split; the protocol is printed with the result.")
+        description="Evaluate a model (built-in name, folder or hub id) on a dataset and/or lm-evaluation-harness "
+                    "tasks. Perplexity uses windows of --seq-len tokens, each starting with the tokenizer's BOS "
+                    "token (unless --no-bos), with --stride (default: non-overlapping) over the first --max-tokens "
+                    "tokens of the split (a local file: the whole file unless --split names one); the protocol "
+                    "is printed with the result. prunekit's offline tasks: austen-cloze, austen-nextsent, "
+                    "reviews-zeroshot.")
     parser.add_argument("model", nargs="?", default=None, help="smollm2-135m, minilm-l6, a folder or a hub id")
     parser.add_argument("--data", default=None, help="dataset name (austen, reviews, text:PATH, ...)")
-    parser.add_argument("--split", default=None, help="split to evaluate (default: eval for text, test for labels)")
+    parser.add_argument("--split", default=None, help="split to evaluate (default: all of a local text file, eval for "
+                        "built-in text, test for labels)")
     parser.add_argument("--task", default=None, help="causal-lm, classification or base (default: from the model)")
-    parser.add_argument("--seq-len", type=int, default=None, help="window length in tokens (default 512)")
-    parser.add_argument("--stride", type=int, default=None, help="window step (default: --seq-len)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per window, its BOS token included (default 512)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="window step in text tokens (default: non-overlapping windows)")
     parser.add_argument("--max-tokens", type=int, default=None, help="token budget of the split (default 32768)")
-    parser.add_argument("--batch-size", type=int, default=None, help="windows or examples per forward (default 1)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="windows or examples per forward (default 1), lm-eval requests per forward "
+                             "(default 8)")
+    parser.add_argument("--no-bos", dest="bos", action="store_const", const=False, default=None,
+                        help="perplexity windows without the BOS token: each starts mid-text and its first token is "
+                             "context only (the earlier protocol)")
+    harness = parser.add_argument_group("lm-evaluation-harness (pip install 'prunekit[eval]')")
+    harness.add_argument("--tasks", default=None, metavar="NAMES",
+                         help="comma-separated lm-eval tasks: austen-cloze, austen-nextsent, reviews-zeroshot "
+                              "(offline), or lm-eval's own (arc_easy, hellaswag, ...: need the Hugging Face hub)")
+    harness.add_argument("--num-fewshot", type=int, default=None,
+                         help="examples in each prompt (default: the task's own)")
+    harness.add_argument("--limit", type=float, default=None,
+                         help="documents per task (a count, or a fraction below 1; default all)")
     parser.add_argument("--no-latency", dest="latency", action="store_const", const=False, default=None,
                         help="skip the latency measurement")
     parser.add_argument("--latency-seq-len", type=int, default=None, help="tokens per timed forward (default 128)")
@@ -46,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not settings["model"]:
         raise PrunekitError("no model given: prunekit eval MODEL --data NAME (smollm2-135m, minilm-l6, a folder)")
-    if not settings["data"]:
-        raise PrunekitError("no dataset given: add --data NAME (austen, reviews, text:PATH, ...)")
+    if not settings["data"] and not settings["tasks"]:
+        raise PrunekitError("nothing to evaluate: add --data NAME (austen, reviews, text:PATH, ...) and/or "
+                            "--tasks NAMES (austen-cloze, austen-nextsent, reviews-zeroshot, ...)")
     results = evaluate_model(settings)
     if settings["json"]:
         from prunekit.utils import atomic_write_text
@@ -58,31 +80,70 @@ def run(args: argparse.Namespace) -> int:
 
 
 def evaluate_model(settings: dict[str, Any]) -> dict[str, Any]:
-    """Load the model and data named in settings, evaluate, print a table; return the results."""
+    """Load the model and data named in settings, evaluate, print tables; return the results."""
     from prunekit.data import ClassificationData, load_data
     from prunekit.evaluate import evaluate, format_table, summary_row
+    from prunekit.evaluate.harness import lm_eval_version, parse_tasks
     from prunekit.models import load_model
     from prunekit.utils import set_seed
 
     set_seed(int(settings["seed"]))
-    data = load_data(settings["data"])  # first: a bad dataset name fails before the model loads
+    tasks = parse_tasks(settings["tasks"])
+    if tasks:
+        lm_eval_version()  # a missing lm-eval fails before the model loads
+    data = load_data(settings["data"]) if settings["data"] else None  # a bad dataset name fails before the model
     task = settings["task"] or ("classification" if isinstance(data, ClassificationData) else None)
     model, tokenizer = load_model(settings["model"], task=task, device=settings["device"], dtype=settings["dtype"],
                                   num_labels=len(getattr(data, "label_names", [])) or 2)
-    split = settings["split"] or ("test" if isinstance(data, ClassificationData) else "eval")
+    split = settings["split"] or default_split(data)
+    limit, batch = settings["limit"], settings["batch_size"]
     results = evaluate(
         model, tokenizer, data, seq_len=int(settings["seq_len"]), stride=settings["stride"],
         max_tokens=settings["max_tokens"], split=split, latency_seq_len=int(settings["latency_seq_len"]),
         gen_tokens=int(settings["gen_tokens"]), path=_folder_or_none(settings["model"]),
-        device=settings["device"], measure_latency=bool(settings["latency"]), batch_size=int(settings["batch_size"]),
-        progress=sys.stderr.isatty())
+        device=settings["device"], measure_latency=bool(settings["latency"]), batch_size=int(batch or 1),
+        task_batch_size=int(batch or 8), progress=sys.stderr.isatty(), bos=bool(settings["bos"]), tasks=tasks,
+        num_fewshot=settings["num_fewshot"],
+        limit=int(limit) if limit is not None and float(limit) >= 1 else limit, seed=int(settings["seed"]))
     results["model"] = settings["model"]
     results["data"] = settings["data"]
-    print(format_table([summary_row(settings["model"], results)], title=f"{settings['model']} on {settings['data']}"))
-    for key in ("perplexity", "accuracy"):
-        if results.get("protocol", {}).get(key):
-            print(f"{key} protocol: {results['protocol'][key]}")
+    title = f"{settings['model']} on {settings['data']}" if settings["data"] else settings["model"]
+    print(format_table([summary_row(settings["model"], results)], title=title))
+    print_protocols(results)
     return results
+
+
+def default_split(data: Any) -> str:
+    """The split scored when none is named: a local text file whole, else eval (text) or test (labels)."""
+    from prunekit.data import ClassificationData
+    from prunekit.data.core import WHOLE_SPLIT
+
+    if data is None:
+        return "eval"
+    if isinstance(data, ClassificationData):
+        return "test"
+    return WHOLE_SPLIT if WHOLE_SPLIT in data.splits else "eval"
+
+
+def print_protocols(results: dict[str, Any]) -> None:
+    """The lm-eval table, then one line per protocol (perplexity/accuracy, tasks, latency)."""
+    from prunekit.evaluate import format_table
+    from prunekit.evaluate.harness import task_rows
+
+    protocol = results.get("protocol", {})
+    if results.get("tasks"):
+        print(format_table(task_rows({str(results.get("model") or "model"): results["tasks"]}),
+                          title="lm-evaluation-harness: accuracy ± standard error"))
+    for key in ("perplexity", "accuracy", "tasks"):
+        if protocol.get(key):
+            print(f"{key} protocol: {protocol[key]}")
+    speed = results.get("latency")
+    if speed:
+        low, high = speed["forward_ms_iqr"]
+        print(f"latency: {speed['forward_ms_median']:.1f} ms per forward (quartiles {low:.1f}-{high:.1f} ms) is an "
+              f"absolute figure for this machine ({speed['device']}, {speed['threads']} threads, batch "
+              f"{speed['batch_size']} x {speed['seq_len']} tokens): it moves with the hardware and whatever else "
+              "runs; compare models only side by side in one run")
 
 
 def _folder_or_none(model: str) -> str | None:

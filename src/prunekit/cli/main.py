@@ -14,7 +14,7 @@ from prunekit import __version__
 from prunekit.errors import PrunekitError
 
 # subcommand name -> module in prunekit.cli; each module has `register(subparsers)` that sets `func`
-SUBCOMMANDS = ["models", "data", "eval", "prune", "methods", "train", "finetune"]
+SUBCOMMANDS = ["models", "data", "eval", "prune", "methods", "train", "finetune", "export", "study", "report"]
 
 
 class OneLineParser(argparse.ArgumentParser):

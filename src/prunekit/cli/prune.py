@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "model": None, "out": None, "overwrite": False, "task": None, "method": "wanda",
     "calib": "austen", "calib_samples": 64, "seq_len": 512,
     "eval": None, "eval_tokens": 32768, "eval_seq_len": None, "latency": True,
+    "bos": True, "tasks": None, "num_fewshot": None, "limit": None,
+    "export_format": None, "export_quantize": "none", "export_dtype": "bfloat16",
 }
 
 
@@ -54,6 +56,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--eval-seq-len", type=int, default=None, help="eval window length (default --seq-len)")
     data.add_argument("--no-latency", dest="latency", action="store_const", const=False, default=None,
                       help="skip the latency measurement of --eval (structured methods only: zeros change no speed)")
+    data.add_argument("--no-bos", dest="bos", action="store_const", const=False, default=None,
+                      help="perplexity windows of --eval without the tokenizer's BOS token (the earlier protocol)")
+    harness = parser.add_argument_group("lm-evaluation-harness on dense and pruned (pip install 'prunekit[eval]')")
+    harness.add_argument("--tasks", default=None, metavar="NAMES",
+                         help="comma-separated lm-eval tasks: austen-cloze, austen-nextsent, reviews-zeroshot "
+                              "(offline) or lm-eval's own (need the Hugging Face hub)")
+    harness.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
+    harness.add_argument("--limit", type=float, default=None, help="documents per task (default all)")
+    export = parser.add_argument_group("compressed output (see prunekit export --help)")
+    export.add_argument("--export-format", default=None,
+                        help="write --out compressed: sparse-bitmask, sparse-24-bitmask or dense (default: plain)")
+    export.add_argument("--export-quantize", default=None, help="none (default), int8 or int4 weights")
+    export.add_argument("--export-dtype", default=None, help="stored values: bfloat16 (default), float16, float32")
     add_common(parser)
     parser.set_defaults(func=run)
 
@@ -105,10 +120,17 @@ def _print_summary(settings: dict[str, Any], spec: Any, job: Any) -> None:
         if speed.get("measured"):
             for row, name in zip(rows, ("dense", "pruned"), strict=True):
                 row.update(_latency_columns(speed[name]))
-        print(format_table(rows, title=f"{settings['model']}: dense vs pruned on {settings['eval']}"))
-        protocol = (evaluation["pruned"].get("perplexity") or {}).get("protocol")
-        if protocol:
-            print(f"protocol: {protocol}")
+        on = f" on {settings['eval']}" if settings["eval"] else ""
+        print(format_table(rows, title=f"{settings['model']}: dense vs pruned{on}"))
+        protocol = evaluation["pruned"].get("protocol") or {}
+        if protocol.get("perplexity"):
+            print(f"protocol: {protocol['perplexity']}")
+        if evaluation["pruned"].get("tasks"):
+            from prunekit.evaluate.harness import task_rows
+
+            print(format_table(task_rows({"dense": evaluation["dense"]["tasks"], label: evaluation["pruned"]["tasks"]}),
+                               title="lm-evaluation-harness: accuracy ± standard error"))
+            print(f"tasks protocol: {protocol['tasks']}")
         if speed.get("measured"):
             print("latency: dense and pruned timed alternately in one run, same input ids")
     took = f"in {timing.get('prune_wall_s', 0):.1f} s (total {timing.get('total_s', 0):.1f} s); saved to {job.out}"
@@ -121,8 +143,16 @@ def _print_summary(settings: dict[str, Any], spec: Any, job: Any) -> None:
               f"{extra['parameters_after'] / 1e6:.2f} M {took}")
     else:
         print(f"pruned {len(result.layers)} layers to {100 * result.sparsity:.2f}% sparsity with {spec.name} {took}")
-        print("note: these zeros shrink neither the files nor dense matmuls: the model runs as fast as the dense one "
-              "(latency not timed)")
+        if not settings.get("export_format"):
+            print("note: these zeros shrink neither the files nor dense matmuls: the model runs as fast as the dense "
+                  "one (latency not timed); --export-format sparse-bitmask stores them compressed")
+    if settings.get("export_format"):
+        from prunekit.export import read_record
+
+        info = read_record(job.out).get("export") or {}
+        stored = sum(f.stat().st_size for f in weight_files(job.out))
+        print(f"stored as {info.get('storage', settings['export_format'])} ({info.get('values')}): weights "
+              f"{stored / 1e6:.1f} MB; reload with prunekit.load")
 
 
 def _latency_columns(measured: Any) -> dict[str, Any]:

@@ -187,10 +187,13 @@ def split_text_tail(text: str, fraction: float = 0.1) -> tuple[str, str]:
     return text[:cut], text[cut:].lstrip("\n ")
 
 
+WHOLE_SPLIT = "all"  # a local file's whole text: what `prunekit eval` scores when no split is named
+
+
 def text_splits(text: str) -> dict[str, str]:
-    """calibration/train = first ~90% of the text, eval = last ~10% (cut at a line boundary)."""
+    """calibration/train = first ~90% of the text, eval = last ~10% (cut at a line boundary), all = the whole text."""
     head, tail = split_text_tail(text)
-    return {"calibration": head, "train": head, "eval": tail}
+    return {"calibration": head, "train": head, "eval": tail, WHOLE_SPLIT: text}
 
 
 # ---------------------------------------------------------------------------------------------

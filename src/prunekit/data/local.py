@@ -2,7 +2,7 @@
 
 * ``text:PATH`` -- a UTF-8 text file, or a folder of ``.txt`` files (sorted by name, joined by a
   blank line). calibration = train = the first ~90% of characters, eval = the last ~10%, cut at a
-  line boundary.
+  line boundary; all = the whole text (what ``prunekit eval`` scores when no ``--split`` is named).
 * ``csv:PATH`` / ``jsonl:PATH`` -- rows with ``text`` and ``label`` (optional ``text_pair`` for
   sentence pairs, optional ``split`` = train/validation/test). Integer labels (or strings of
   digits) are used as ids, with names "0".."K-1"; other strings are mapped to ids in sorted order.
@@ -61,7 +61,7 @@ def load_text(path_str: str) -> TextData:
         raise PrunekitError(f"'{path}' holds no text: give a file with some text in it")
     return TextData(f"text:{path_str}", text_splits(text),
                     f"local text {path}: calibration = train = first ~90% of characters, eval = last ~10% "
-                    "(cut at a line boundary)")
+                    "(cut at a line boundary), all = the whole text")
 
 
 def _rows_csv(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
@@ -150,7 +150,7 @@ def load_table(path_str: str, form: str) -> Data:
         if not text.strip():
             raise PrunekitError(f"'{path}' holds no text: give some non-empty 'text' values")
         return TextData(name, text_splits(text), f"local text rows of {path} (no 'label' column): calibration = "
-                        "train = first ~90% of characters, eval = last ~10%")
+                        "train = first ~90% of characters, eval = last ~10%, all = the whole text")
     if not rows:
         raise PrunekitError(f"'{path}' has a header but no rows: add labelled rows")
     for i, row in enumerate(rows):

@@ -3,14 +3,20 @@
 Protocol (stated in every result's ``protocol`` sentence):
 
 * the first ``max_tokens`` tokens of the stream are used (all of them when None);
-* ``stride == seq_len`` (the default): non-overlapping windows of ``seq_len`` tokens; each window is
-  scored on all but its first token (that token has no context inside the window); a final partial
-  window shorter than ``seq_len`` is dropped;
-* ``stride < seq_len``: sliding windows of ``seq_len`` tokens starting every ``stride`` tokens; the
-  first window is scored on all but its first token, every later one only on the tokens not scored
+* with ``bos_token_id`` (what ``prunekit eval`` and ``prunekit prune --eval`` pass when the tokenizer
+  defines a beginning-of-sequence token): every window is that token followed by ``seq_len - 1`` stream
+  tokens, and every stream token in it is scored, the first one predicted from the BOS token alone. This
+  is how lm-evaluation-harness scores a document that fits in one window (``loglikelihood_rolling``:
+  BOS, then the text), and models such as Gemma need the BOS token at position 0;
+* without it (``--no-bos``, or a tokenizer without a BOS token): every window is ``seq_len`` stream
+  tokens, and its first token is context only (it has no context inside the window);
+* ``stride`` None (the default): non-overlapping windows, each starting where the previous one ended; a
+  final partial window is dropped;
+* ``stride`` smaller than the stream tokens of a window: sliding windows starting every ``stride`` tokens;
+  the first window is scored on all its scorable tokens, every later one only on the tokens not scored
   before (the last ``stride`` of them), the rest being context. If the stream does not end on a stride
-  boundary, one last window is aligned to the end of the stream, so every token but the very first is
-  scored exactly once (``n_tokens == len - 1``).
+  boundary, one last window is aligned to the end of the stream, so every token is scored exactly once
+  (all ``n`` with a BOS token, all but the very first without).
 
 Perplexity = exp(total negative log-likelihood / tokens scored), the NLL computed here from the logits
 (float32 log-softmax) and summed in float64, so the token count is exact.
@@ -46,6 +52,7 @@ class PerplexityResult:
     stride: int
     n_windows: int
     protocol: str
+    bos_token_id: int | None = None  # the token put before every window, or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,42 +127,50 @@ def forward_kwargs(model: nn.Module) -> dict[str, Any]:
 # windows
 
 
-def plan_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
-    """(start, first scored position) of every window over ``n`` tokens; each window is ``seq_len`` long.
+def plan_windows(n: int, seq_len: int, stride: int, score_first: bool = False) -> list[tuple[int, int]]:
+    """(start, first scored position) of every window over ``n`` tokens; each window is ``seq_len`` stream tokens.
 
     Positions are absolute indices into the stream; a window starting at ``s`` scores positions
-    ``first .. s + seq_len - 1`` (each predicted from the tokens before it inside the window).
+    ``first .. s + seq_len - 1``. ``score_first`` (a BOS token precedes the window): the window's first
+    token can be scored too; without it, it is context only.
     """
+    offset = 0 if score_first else 1
     windows: list[tuple[int, int]] = []
-    if stride == seq_len:
+    if stride >= seq_len:
         for start in range(0, n - seq_len + 1, seq_len):
-            windows.append((start, start + 1))
+            windows.append((start, start + offset))
         return windows
-    scored_to = 0  # every position below this one is already scored (position 0 never is)
+    scored_to = 0  # every position below this one is already scored
     starts = list(range(0, n - seq_len + 1, stride))
     if starts[-1] + seq_len < n:
         starts.append(n - seq_len)
     for start in starts:
         end = start + seq_len
-        windows.append((start, max(scored_to, start + 1)))
+        windows.append((start, max(scored_to, start + offset)))
         scored_to = end
     return windows
 
 
 def describe(seq_len: int, stride: int, n_used: int, n_given: int, n_windows: int, n_tokens: int,
-             source: str) -> str:
-    """The protocol as one human sentence."""
+             source: str, bos_token_id: int | None = None) -> str:
+    """The protocol as one human sentence (``seq_len``: model positions per window, BOS included)."""
     over = f"the first {n_used} tokens of {source}" if n_used < n_given else f"all {n_used} tokens of {source}"
-    if stride == seq_len:
-        dropped = n_used - n_windows * seq_len
-        text = (f"{n_windows} non-overlapping {seq_len}-token windows over {over}, "
-                f"each window scored on all but its first token ({n_tokens} tokens scored)")
+    span = seq_len - 1 if bos_token_id is not None else seq_len
+    if bos_token_id is not None:
+        window = (f"each window the tokenizer's BOS token (id {bos_token_id}) followed by {span} text tokens, "
+                  "all of them scored")
+    else:
+        window = "no BOS token, each window scored on all but its first token (context only)"
+    if stride >= span:
+        dropped = n_used - n_windows * span
+        text = f"{n_windows} non-overlapping {seq_len}-token windows over {over}, {window} ({n_tokens} tokens scored)"
         if dropped:
             text += f"; the last {dropped} tokens, shorter than a window, are not scored"
         return text
-    return (f"{n_windows} sliding {seq_len}-token windows every {stride} tokens over {over}; the first window "
-            f"is scored on all but its first token, each later one only on tokens not scored before (the rest "
-            f"is context), the last window aligned to the end: {n_tokens} tokens scored (all but the first)")
+    every = "every token" if bos_token_id is not None else "all but the first"
+    return (f"{n_windows} sliding {seq_len}-token windows every {stride} tokens over {over}, {window} in the first "
+            f"window; each later one is scored only on tokens not scored before (the rest is context), the last "
+            f"window aligned to the end: {n_tokens} tokens scored ({every})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,19 +179,25 @@ def describe(seq_len: int, stride: int, n_used: int, n_given: int, n_windows: in
 
 def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, stride: int | None = None,
                max_tokens: int | None = None, batch_size: int = 1, device: str | torch.device | None = None,
-               progress: bool = True, source: str = "the evaluation text") -> PerplexityResult:
+               progress: bool = True, source: str = "the evaluation text",
+               bos_token_id: int | None = None) -> PerplexityResult:
     """Perplexity of a causal LM on the 1-D token stream ``tokens`` (see the module docstring for the protocol).
 
-    ``device`` None runs where the model is; ``source`` names the text in the protocol sentence.
+    ``seq_len`` is the number of model positions per window (the BOS token included when
+    ``bos_token_id`` is given); ``device`` None runs where the model is; ``source`` names the text in the
+    protocol sentence.
     """
     tokens = torch.as_tensor(tokens).reshape(-1).long()
     n_given = int(tokens.numel())
+    bos = bos_token_id is not None
     if seq_len < 2:
         raise PrunekitError(f"sequence length {seq_len} is too short to score any token: use --seq-len 2 or more")
-    stride = seq_len if stride is None else int(stride)
-    if not 1 <= stride <= seq_len:
-        raise PrunekitError(f"stride {stride} must be between 1 and the sequence length {seq_len}: "
-                            "lower --stride or leave it out for non-overlapping windows")
+    span = seq_len - 1 if bos else seq_len  # stream tokens per window
+    stride = span if stride is None else int(stride)
+    if not 1 <= stride <= span:
+        after = " after its BOS token" if bos else ""
+        raise PrunekitError(f"stride {stride} must be between 1 and the {span} text tokens a {seq_len}-token window "
+                            f"holds{after}: lower --stride or leave it out for non-overlapping windows")
     if batch_size < 1:
         raise PrunekitError(f"batch size {batch_size} must be at least 1: use --batch-size 1 or more")
     if max_tokens is not None:
@@ -185,25 +206,28 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, stride: int
         tokens = tokens[:max_tokens]
     n = int(tokens.numel())
     check_seq_len(model, seq_len)
-    if n < seq_len:
-        raise PrunekitError(f"only {n} tokens of evaluation text, fewer than one window of {seq_len}: "
+    if n < span:
+        raise PrunekitError(f"only {n} tokens of evaluation text, fewer than one window of {span}: "
                             "lower --seq-len or give more text")
 
-    windows = plan_windows(n, seq_len, stride)
+    windows = plan_windows(n, span, stride, score_first=bos)
     run_device = place_model(model, device)
     extra = forward_kwargs(model)
     total_nll = 0.0
     n_tokens = 0
-    offsets = torch.arange(seq_len)
+    offsets = torch.arange(span)
+    shift = 1 if bos else 0  # input position of a window's first stream token
     with eval_mode(model), torch.inference_mode():
         bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress, leave=False)
         for i in range(0, len(windows), batch_size):
             chunk = windows[i:i + batch_size]
             starts = torch.tensor([s for s, _ in chunk])
             ids = tokens[starts[:, None] + offsets[None, :]]
+            if bos_token_id is not None:
+                ids = torch.cat([torch.full((len(chunk), 1), bos_token_id), ids], dim=1)
             labels = ids.clone()
             for row, (start, first) in enumerate(chunk):
-                labels[row, : first - start] = IGNORE
+                labels[row, : first - start + shift] = IGNORE
             logits = output_logits(model(input_ids=ids.to(run_device), **extra))
             if logits.dim() != 3:
                 raise PrunekitError("the model has no language-modelling head (its logits are not per token): "
@@ -225,6 +249,6 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, stride: int
         ppl = math.exp(mean_nll)
     except OverflowError:
         ppl = math.inf
-    protocol = describe(seq_len, stride, n, n_given, len(windows), n_tokens, source)
+    protocol = describe(seq_len, stride, n, n_given, len(windows), n_tokens, source, bos_token_id)
     return PerplexityResult(perplexity=ppl, nll=mean_nll, n_tokens=n_tokens, seq_len=seq_len, stride=stride,
-                            n_windows=len(windows), protocol=protocol)
+                            n_windows=len(windows), protocol=protocol, bos_token_id=bos_token_id)

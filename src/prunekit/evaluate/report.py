@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import textwrap
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -254,10 +255,15 @@ def evaluate(model: nn.Module, tokenizer: Any, data: Any = None, *, seq_len: int
              max_tokens: int | None = None, task: str | None = None, split: str = "eval", latency_seq_len: int = 128,
              latency_batch: int = 1, gen_tokens: int = 32, path: str | Path | None = None,
              device: str | torch.device | None = None, measure_latency: bool = True, progress: bool = True,
-             batch_size: int = 1, accuracy_batch: int = 32, max_length: int = 128) -> dict[str, Any]:
-    """Quality (perplexity on text data, accuracy on labelled data), size and speed, as one JSON-ready dict.
+             batch_size: int = 1, accuracy_batch: int = 32, max_length: int = 128, bos: bool = True,
+             tasks: str | Sequence[str] | None = None, num_fewshot: int | None = None,
+             limit: int | float | None = None, task_batch_size: int = 8, seed: int = 0) -> dict[str, Any]:
+    """Quality (perplexity on text data, accuracy on labelled data, lm-eval tasks), size and speed, as one dict.
 
-    Keys: 'perplexity' or 'accuracy' (when data is given), 'size', 'latency' (when measured), 'protocol'.
+    Keys: 'perplexity' or 'accuracy' (when data is given), 'tasks' (when lm-eval tasks are given: see
+    :func:`prunekit.evaluate.harness.run_tasks`), 'size', 'latency' (when measured), 'protocol'.
+    ``bos``: every perplexity window starts with the tokenizer's BOS token when it defines one.
+    ``task_batch_size``: lm-eval requests per forward (8: short requests run several times faster batched).
     """
     run_device = place_model(model, device)
     results: dict[str, Any] = {}
@@ -275,10 +281,14 @@ def evaluate(model: nn.Module, tokenizer: Any, data: Any = None, *, seq_len: int
         protocol["data"] = getattr(data, "name", None)
         if kind == "text":
             tokens = _eval_tokens(tokenizer, data, split)
+            bos_id = getattr(tokenizer, "bos_token_id", None) if bos else None
             ppl = perplexity(model, tokens, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
-                             batch_size=batch_size, progress=progress, source=f"{data.name}/{split}")
+                             batch_size=batch_size, progress=progress, source=f"{data.name}/{split}",
+                             bos_token_id=bos_id if isinstance(bos_id, int) else None)
             results["perplexity"] = asdict(ppl)
-            protocol.update({"split": split, "perplexity": ppl.protocol})
+            why = "" if ppl.bos_token_id is not None else (
+                " (--no-bos)" if not bos else " (the tokenizer defines no BOS token)")
+            protocol.update({"split": split, "perplexity": ppl.protocol + why})
         else:
             used = _classification_split(data, split)
             acc = accuracy(model, tokenizer, data.splits[used], batch_size=accuracy_batch,
@@ -289,6 +299,13 @@ def evaluate(model: nn.Module, tokenizer: Any, data: Any = None, *, seq_len: int
                 f"texts truncated to {max_length} tokens")})
     elif task is not None:
         raise PrunekitError(f"task '{task}' needs evaluation data: pass --data")
+    if tasks:
+        from prunekit.evaluate.harness import protocol as harness_protocol
+        from prunekit.evaluate.harness import run_tasks
+
+        results["tasks"] = run_tasks(model, tokenizer, tasks, num_fewshot=num_fewshot, limit=limit,
+                                     batch_size=task_batch_size, seed=seed)
+        protocol["tasks"] = harness_protocol(results["tasks"])
 
     size = size_report(model, path=path)
     results["size"] = asdict(size)
@@ -299,8 +316,9 @@ def evaluate(model: nn.Module, tokenizer: Any, data: Any = None, *, seq_len: int
         speed = latency(model, batch_size=latency_batch, seq_len=latency_seq_len, gen_tokens=gen_tokens)
         results["latency"] = asdict(speed)
         protocol["latency"] = (
-            f"seeded random tokens, batch {speed.batch_size} x {speed.seq_len}; median and quartiles of timed "
-            f"forward passes after warm-up on {speed.device} with {speed.threads} threads"
+            f"absolute and machine-dependent: seeded random tokens, batch {speed.batch_size} x {speed.seq_len}; "
+            f"median and quartiles of timed forward passes after warm-up on {speed.device} with {speed.threads} "
+            "threads"
             + (f"; decode = (greedy generate of {speed.gen_tokens} tokens - of 1 token) / {speed.gen_tokens - 1}, "
                "KV cache on" if speed.decode_ms_per_token is not None else ""))
     results["protocol"] = protocol

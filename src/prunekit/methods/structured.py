@@ -203,9 +203,12 @@ def block_scores(adapter: ModelAdapter, block: nn.Module, importance: str, stats
         o.sum(0).reshape(shape.heads, head_dim).sum(1)
     if adapter.qkv_fused:
         fused = matrix(adapter.qkv_fused, "attn_in", False)
-        split = shape.heads * head_dim
-        q_score = q_score + rows(fused, shape.heads)
-        kv_score = rows(fused, shape.kv_heads, split) + rows(fused, shape.kv_heads, 2 * split)
+        kv_score = torch.zeros(shape.kv_heads, dtype=torch.float64)
+        if fused is not None:
+            per_row = fused.sum(1)
+            q, k, v = adapter.qkv_rows(shape.heads, shape.kv_heads, head_dim)
+            q_score = q_score + per_row[q].sum(1)
+            kv_score = per_row[k].sum(1) + per_row[v].sum(1)
     else:
         q_score = q_score + rows(matrix(adapter.q_proj or "", "attn_in", False), shape.heads)
         kv_score = rows(matrix(adapter.k_proj or "", "attn_in", False), shape.kv_heads) + \
@@ -214,8 +217,8 @@ def block_scores(adapter: ModelAdapter, block: nn.Module, importance: str, stats
     neuron_score = torch.zeros(shape.intermediate, dtype=torch.float64) if down is None else down.sum(0)
     for name in adapter.mlp_in:
         m = matrix(name, "mlp_in", False)
-        if m is not None:
-            neuron_score = neuron_score + m.sum(1)
+        if m is not None:  # a fused gate/up layer holds one row per neuron in each of its parts
+            neuron_score = neuron_score + m.sum(1).reshape(adapter.mlp_in_chunks, shape.intermediate).sum(0)
     return q_score, kv_score, neuron_score
 
 

@@ -25,7 +25,8 @@ from prunekit.models import RECORD_NAME, load, read_record
 from prunekit.record import RunRecord, as_record, loader_for, versions
 from prunekit.utils import atomic_dir
 
-__all__ = ["RECORD_NAME", "load", "read_record", "save_model", "to_jsonable", "update_record"]
+__all__ = ["RECORD_NAME", "full_record", "load", "read_record", "save_model", "to_jsonable", "update_record",
+           "write_record"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -57,14 +58,7 @@ def save_model(model: nn.Module, tokenizer: Any, out: str | Path,
     so a failure leaves nothing behind and an existing folder is replaced only with ``overwrite`` and
     only when the new one is complete.
     """
-    given = as_record(record)
-    full_record = {
-        "prunekit_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
-        **given,
-        "loader": loader_for(model) or given.get("loader"),
-    }
+    record_data = full_record(model, record)
     save_pretrained = getattr(model, "save_pretrained", None)
     if not callable(save_pretrained):
         raise PrunekitError(f"cannot save a {type(model).__name__}: save_model needs a transformers model "
@@ -73,8 +67,25 @@ def save_model(model: nn.Module, tokenizer: Any, out: str | Path,
         save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / RECORD_NAME).write_text(json.dumps(to_jsonable(full_record), indent=2) + "\n")
+        write_record(tmp, record_data)
     return Path(out)
+
+
+def full_record(model: nn.Module, record: RunRecord | dict[str, Any] | Any | None) -> dict[str, Any]:
+    """The record written beside a model: prunekit version, time, software versions, ``record`` and the loader."""
+    given = as_record(record)
+    return {
+        "prunekit_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        **given,
+        "loader": loader_for(model) or given.get("loader"),
+    }
+
+
+def write_record(folder: Path, record: dict[str, Any]) -> None:
+    """Write ``prunekit.json`` into a folder being assembled (inside :func:`prunekit.utils.atomic_dir`)."""
+    (folder / RECORD_NAME).write_text(json.dumps(to_jsonable(record), indent=2) + "\n")
 
 
 def update_record(path: str | Path, **fields: Any) -> dict[str, Any]:

@@ -1,16 +1,19 @@
-"""The block-by-block engine: capture the first block's inputs, then observe, change and replay each block.
+"""The block-by-block engine: observe, change and replay each block on what it really receives.
 
-1. The calibration batch runs through the embeddings one micro-batch at a time; a forward pre-hook on
-   the first block stores EVERY positional and keyword argument it receives (hidden states, attention
-   mask, position ids, rotary ``position_embeddings``, cache flags, ...) and stops the forward. Caches
-   are disabled (``use_cache=False``) and any captured cache object is replaced by None.
+1. What every block receives is captured (:mod:`prunekit.calibration.capture`): the first block's
+   hidden states and EVERY positional and keyword argument of every block (attention masks, position
+   ids, rotary ``position_embeddings`` — per layer type where a family mixes sliding-window and global
+   layers —, encoder states, cache flags), one entry per calibration micro-batch.
 2. For each block: its layers to observe are hooked and the calibration inputs run through the dense
-   block (the *stats pass*; it stops after the last hooked layer has seen its input); a visitor then
-   changes the block (prunes it); the inputs run through the changed block (the *replay*), and its
-   outputs become the next block's inputs.
+   block with that block's own arguments (the *stats pass*; it stops after the last hooked layer has
+   seen its input); a visitor then changes the block (prunes it); the inputs run through the changed
+   block (the *replay*), and its outputs become the next block's hidden states.
+3. An encoder-decoder has two stacks of blocks: the encoder's are visited first, then the decoder's
+   blocks are captured afresh (their inputs include the output of the already-changed encoder).
 
 Layers that read the very same input tensor (q/k/v, gate/up) share one observer, so statistics are
 gathered once per input stream. Only the current block and the activations live on ``device``.
+Blocks are numbered across stacks (encoder blocks first) in what the visitor sees.
 """
 
 from __future__ import annotations
@@ -18,56 +21,21 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from prunekit.adapters import get_adapter
+from prunekit.calibration.capture import BlockInputs, StopForward, capture_block_inputs, module_device
 from prunekit.errors import PrunekitError
-
-CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past")
 
 
 class Observer(Protocol):
     """Anything that collects statistics from a layer's inputs."""
 
     def add_batch(self, inputs: torch.Tensor) -> None: ...
-
-
-class _StopForward(Exception):
-    """Raised inside a hook to end a forward pass early (private to this module)."""
-
-
-@dataclass
-class BlockInputs:
-    """The arguments of one call of a block, for one calibration micro-batch."""
-
-    hidden: torch.Tensor
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    hidden_key: str | None = None  # set when the hidden states were passed by keyword
-
-    def call(self, block: nn.Module) -> torch.Tensor:
-        """Run ``block`` on these inputs; returns the output hidden states (tuple outputs are unpacked)."""
-        if self.hidden_key is not None:
-            out = block(*self.args, **{**self.kwargs, self.hidden_key: self.hidden})
-        else:
-            out = block(self.hidden, *self.args, **self.kwargs)
-        return block_output(out)
-
-
-def block_output(out: Any) -> torch.Tensor:
-    """The hidden states a block returned: a tensor (transformers 5) or the first item of a tuple/ModelOutput."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, tuple | list) or hasattr(out, "to_tuple"):
-        first = out[0]
-        if isinstance(first, torch.Tensor):
-            return first
-    raise PrunekitError(f"a transformer block returned {type(out).__name__}, not hidden states: "
-                        "this model family needs an adapter (see prunekit/adapters)")
 
 
 class BlockVisitor:
@@ -112,59 +80,6 @@ class EngineReport:
     @property
     def total_s(self) -> float:
         return self.capture_s + self.stats_s + self.change_s + self.replay_s
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for param in module.parameters():
-        return param.device
-    for buffer in module.buffers():
-        return buffer.device
-    return torch.device("cpu")
-
-
-def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> dict[int, torch.device]:
-    """Move every parameter and buffer NOT inside ``blocks`` to ``device``; returns their old devices."""
-    inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
-    old: dict[int, torch.device] = {}
-    with torch.no_grad():
-        for module in model.modules():
-            for attr in ("_parameters", "_buffers"):
-                tensors = getattr(module, attr)
-                for tensor in list(tensors.values()):
-                    if tensor is None or id(tensor) in inside or tensor.device == device:
-                        continue
-                    old.setdefault(id(tensor), tensor.device)
-                    tensor.data = tensor.data.to(device)
-    return old
-
-
-def _restore_outside(model: nn.Module, old: dict[int, torch.device]) -> None:
-    with torch.no_grad():
-        for module in model.modules():
-            for attr in ("_parameters", "_buffers"):
-                for tensor in getattr(module, attr).values():
-                    if tensor is not None and id(tensor) in old:
-                        tensor.data = tensor.data.to(old[id(tensor)])
-
-
-def _neutralise(value: Any) -> Any:
-    """Replace cache objects (which would grow across calls) by None."""
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return value
-    return None if isinstance(value, Cache) else value
-
-
-def _forward_flags(model: nn.Module) -> dict[str, Any]:
-    """``use_cache=False`` when the model's forward takes it."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"use_cache": False} if "use_cache" in params else {}
 
 
 @contextmanager
@@ -214,47 +129,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def capture_block_inputs(model: nn.Module, calibration: torch.Tensor, *, device: torch.device,
-                         micro_batch_size: int = 8) -> list[BlockInputs]:
-    """Run the calibration batch up to the first block, one micro-batch at a time; return each call's inputs."""
-    blocks = get_adapter(model).blocks()
-    captured: list[BlockInputs] = []
-
-    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        kwargs = {k: (None if k in CACHE_KWARGS else _neutralise(v)) for k, v in kwargs.items()}
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        if args:
-            captured.append(BlockInputs(args[0], tuple(_neutralise(a) for a in args[1:]), kwargs))
-        elif "hidden_states" in kwargs:
-            hidden = kwargs.pop("hidden_states")
-            captured.append(BlockInputs(hidden, (), kwargs, hidden_key="hidden_states"))
-        else:
-            raise PrunekitError("the first transformer block was called without hidden states: "
-                                "this model family needs an adapter (see prunekit/adapters)")
-        raise _StopForward
-
-    flags = _forward_flags(model)
-    old = _move_outside(model, blocks, device)
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.inference_mode():
-            for start in range(0, calibration.shape[0], micro_batch_size):
-                batch = calibration[start:start + micro_batch_size].to(device)
-                before = len(captured)
-                try:
-                    model(input_ids=batch, **flags)
-                except _StopForward:
-                    pass
-                if len(captured) != before + 1:
-                    raise PrunekitError("the model never called its first transformer block: "
-                                        "this model family needs an adapter (see prunekit/adapters)")
-    finally:
-        handle.remove()
-        _restore_outside(model, old)
-    return captured
-
-
 class _StatsPass:
     """Hooks on a block's layers that feed one observer per shared input stream."""
 
@@ -296,10 +170,11 @@ class _StatsPass:
             if shared == name:
                 self.observers[name].add_batch(x)
             if name == self.stop_after:
-                raise _StopForward
+                raise StopForward
         return hook
 
-    def run(self, block: nn.Module, inputs: list[BlockInputs], keep_outputs: bool) -> list[torch.Tensor]:
+    def run(self, block: nn.Module, position: int, inputs: list[BlockInputs],
+            keep_outputs: bool) -> list[torch.Tensor]:
         handles = [layer.register_forward_pre_hook(self.hook_for(name), with_kwargs=True)
                    for name, layer in self.layers.items()]
         outputs: list[torch.Tensor] = []
@@ -307,10 +182,10 @@ class _StatsPass:
             for inp in inputs:
                 self.seen = []
                 try:
-                    out = inp.call(block)
+                    out = inp.call(block, position)
                     if keep_outputs:
                         outputs.append(out)
-                except _StopForward:
+                except StopForward:
                     pass
                 if self.first:
                     self.first = False
@@ -340,30 +215,38 @@ def run_blockwise(model: nn.Module, calibration: torch.Tensor, visitor: BlockVis
         raise PrunekitError(f"calibration must be a LongTensor [samples, seq_len] of token ids, got "
                             f"{calibration.dtype} with shape {tuple(calibration.shape)}")
     run_device = resolve_device(device)
-    blocks = get_adapter(model).blocks()
-    report = EngineReport(blocks=len(blocks), samples=int(calibration.shape[0]), tokens=int(calibration.numel()),
+    stacks = get_adapter(model).stacks()
+    total = sum(len(stack) for stack in stacks)
+    report = EngineReport(blocks=total, samples=int(calibration.shape[0]), tokens=int(calibration.numel()),
                           micro_batch_size=micro_batch_size, device=str(run_device))
-    with _eval_mode(model):
-        start = time.perf_counter()
-        inputs = capture_block_inputs(model, calibration, device=run_device, micro_batch_size=micro_batch_size)
-        report.capture_s = time.perf_counter() - start
-        for index, block in enumerate(tqdm(blocks, desc=desc, disable=not progress, leave=False)):
-            home = _module_device(block)
-            with torch.no_grad():
-                block.to(run_device)
-            try:
-                _visit_block(index, block, inputs, visitor, report, last=index == len(blocks) - 1)
-            finally:
+    with _eval_mode(model), tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+        offset = 0
+        for number, blocks in enumerate(stacks):
+            start = time.perf_counter()
+            inputs = capture_block_inputs(model, calibration, device=run_device, micro_batch_size=micro_batch_size,
+                                          stack=number)
+            report.capture_s += time.perf_counter() - start
+            for position, block in enumerate(blocks):
+                home = module_device(block)
                 with torch.no_grad():
-                    block.to(home)
+                    block.to(run_device)
+                try:
+                    _visit_block(offset + position, position, block, inputs, visitor, report,
+                                 last=position == len(blocks) - 1)
+                finally:
+                    with torch.no_grad():
+                        block.to(home)
+                bar.update(1)
+            offset += len(blocks)
     return report
 
 
-def _visit_block(index: int, block: nn.Module, inputs: list[BlockInputs], visitor: BlockVisitor,
+def _visit_block(index: int, position: int, block: nn.Module, inputs: list[BlockInputs], visitor: BlockVisitor,
                  report: EngineReport, last: bool = False) -> None:
     """Stats pass, change, replay (or reuse) for one block; the inputs are replaced by its outputs.
 
-    The last block's replay is skipped when the visitor does not look at outputs (nothing reads them).
+    ``index`` numbers the block across stacks, ``position`` within its own. The last block's replay is
+    skipped when the visitor does not look at outputs (nothing reads them: a next stack is captured afresh).
     """
     layers = visitor.layers(index, block)
     outputs: list[torch.Tensor] = []
@@ -371,10 +254,10 @@ def _visit_block(index: int, block: nn.Module, inputs: list[BlockInputs], visito
     if layers:
         stats = _StatsPass(layers, visitor)
         with torch.inference_mode():
-            outputs = stats.run(block, inputs, keep_outputs=not visitor.modifies)
+            outputs = stats.run(block, position, inputs, keep_outputs=not visitor.modifies)
         report.stats_s += time.perf_counter() - start
         start = time.perf_counter()
-        with torch.inference_mode(), single_thread(_module_device(block)):
+        with torch.inference_mode(), single_thread(module_device(block)):
             visitor.finish(index, block, layers, stats.observers)
         report.change_s += time.perf_counter() - start
         start = time.perf_counter()
@@ -387,6 +270,6 @@ def _visit_block(index: int, block: nn.Module, inputs: list[BlockInputs], visito
     else:
         with torch.inference_mode():
             for inp in inputs:  # replace as we go: one micro-batch's input is needed by its own call only
-                inp.hidden = inp.call(block)
+                inp.hidden = inp.call(block, position)
     report.replay_s += time.perf_counter() - start
     visitor.outputs(index, [inp.hidden for inp in inputs])
