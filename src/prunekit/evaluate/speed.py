@@ -1,8 +1,11 @@
 """Wall-clock speed of a model: one forward pass, and per generated token for causal LMs.
 
 Protocol: random token ids (seeded) of shape (batch_size, seq_len); ``n_warmup`` untimed runs, then
-``n_runs`` timed ones with ``time.perf_counter`` (CUDA synchronised on a GPU); the median and the
-quartiles are reported. Decoding: ``model.generate`` greedy with the KV cache, ``gen_tokens`` new tokens
+``n_runs`` timed ones, each by the standard library's ``timeit.Timer`` (one call per measurement, so
+every run's time is kept; the garbage collector is off while it runs; CUDA synchronised on a GPU). Not
+``torch.utils.benchmark.Timer``: it runs two untimed warm-up calls before every measurement, which would
+triple the cost and break the interleaving below. The median and the quartiles are reported, with the
+thread count. Decoding: ``model.generate`` greedy with the KV cache, ``gen_tokens`` new tokens
 after a ``seq_len`` prompt; a streamer notes when each new token comes out, so one run's time per
 generated token = (time of the last token - time of the first) / (gen_tokens - 1): the prefill (which
 yields the first token) is left out. The median over ``n_runs`` runs is reported.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+import timeit
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,13 +78,7 @@ def _timed(fn: Callable[[], Any], device: torch.device, n_warmup: int, n_runs: i
     for _ in range(n_warmup):
         fn()
     sync()
-    times: list[float] = []
-    for _ in range(n_runs):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
+    return [_once(fn, device) for _ in range(n_runs)]
 
 
 class _StepClock(BaseStreamer):
@@ -222,14 +220,16 @@ def _takes_logits_to_keep(model: nn.Module) -> bool:
 
 
 def _once(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds taken by one call of ``fn`` (CUDA synchronised before and after)."""
-    if device.type == "cuda":
+    """Seconds taken by one call of ``fn``, timed by ``timeit.Timer`` (garbage collector off; CUDA synchronised)."""
+    if device.type != "cuda":
+        return timeit.Timer(fn).timeit(1)
+    torch.cuda.synchronize(device)
+
+    def call() -> None:
+        fn()
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+
+    return timeit.Timer(call).timeit(1)
 
 
 def _median_ratio(times: Sequence[float], reference: Sequence[float]) -> float:
