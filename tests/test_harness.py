@@ -183,3 +183,34 @@ def test_eval_and_prune_commands_run_tasks(tiny_lm: tuple[Any, Any], tmp_path: P
     evaluation = json.loads((pruned / "prunekit.json").read_text())["evaluation"]
     assert evaluation["dense"]["tasks"]["tasks"]["reviews-zeroshot"]["n_samples"] == 4
     assert evaluation["pruned"]["tasks"]["lm_eval_version"] == evaluation["dense"]["tasks"]["lm_eval_version"]
+
+
+def test_finetune_runs_tasks_before_and_after_and_train_refuses_them_for_a_classifier(
+        tiny_lm: tuple[Any, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from prunekit.cli.main import main
+
+    model, tokenizer = tiny_lm
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    pruned = tmp_path / "pruned"
+    assert main(["prune", str(folder), "--method", "magnitude", "--sparsity", "0.5", "--out", str(pruned),
+                 "--device", "cpu"]) == 0
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(f"Line {i} of a small story about a house and a garden." for i in range(300)))
+    out = tmp_path / "recovered"
+    assert main(["finetune", str(pruned), "--data", f"text:{text}", "--max-steps", "1", "--batch-size", "2",
+                 "--seq-len", "32", "--tasks", "reviews-zeroshot", "--limit", "4", "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "lm-evaluation-harness" in printed and "reviews-zeroshot" in printed and "before" in printed
+    assert "BOS token" in printed  # the final perplexity uses the same protocol as prunekit eval
+    record = json.loads((out / "prunekit.json").read_text())
+    assert "reviews-zeroshot" in json.dumps(record)
+
+    code = main(["train", str(folder), "--task", "reviews", "--method", "gmp", "--sparsity", "0.5", "--tasks",
+                 "reviews-zeroshot", "--out", str(tmp_path / "cls")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trains a classifier: drop --tasks" in err[0]
+    assert not (tmp_path / "cls").exists()

@@ -60,6 +60,13 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
         from prunekit.evaluate.harness import lm_eval_version
 
         lm_eval_version()  # a missing lm-eval fails before the long work
+    from prunekit.onload_job import onload_plan, prune_onloaded
+
+    plan = onload_plan(settings, spec, config, measure=measure, export=export)
+    done = prune_onloaded(settings, spec, config, plan, calib_data, started) if plan is not None else None
+    if done is not None:  # sequential onloading: pruned block by block from the files into the output
+        record_data, onloaded, out, timing = done
+        return PruneJob(record_data, onloaded, out, {}, {**timing, "total_s": time.perf_counter() - started})
     model, tokenizer = load_model(settings["model"], task=settings["task"], device="cpu", dtype=settings["dtype"])
     if export is not None:
         from prunekit.export import export_layers
@@ -216,6 +223,19 @@ def wait_for_everyone() -> None:
         dist.barrier()
 
 
+def check_tasks(settings: dict[str, Any], classification: bool, data_name: str) -> None:
+    """lm-eval tasks after training: only for a causal LM, and lm-eval must be installed (before the long work)."""
+    if not settings.get("tasks"):
+        return
+    if classification:
+        raise PrunekitError(f"--tasks runs lm-evaluation-harness on a causal language model, but '{data_name}' "
+                            "trains a classifier: drop --tasks")
+    from prunekit.evaluate.harness import lm_eval_version, parse_tasks
+
+    parse_tasks(settings["tasks"])
+    lm_eval_version()
+
+
 def final_evaluation(model: Any, tokenizer: Any, data: Any, settings: dict[str, Any]) -> dict[str, Any]:
     """Test accuracy (classification) or eval-split perplexity (causal LM) of the trained model."""
     from prunekit.data import ClassificationData, eval_tokens
@@ -229,8 +249,19 @@ def final_evaluation(model: Any, tokenizer: Any, data: Any, settings: dict[str, 
                           max_length=int(settings["max_length"]), progress=progress, split=split)
         return {"accuracy": result.accuracy, "split": split, "n_examples": result.n_examples}
     tokens = eval_tokens(tokenizer, data, "eval", max_tokens=settings["eval_max_tokens"])
-    ppl = perplexity(model, tokens, seq_len=int(settings["seq_len"]), progress=progress)
-    return {"perplexity": ppl.perplexity, "split": "eval", "n_tokens": ppl.n_tokens, "protocol": ppl.protocol}
+    bos = getattr(tokenizer, "bos_token_id", None) if settings.get("bos", True) else None
+    ppl = perplexity(model, tokens, seq_len=int(settings["seq_len"]), progress=progress, bos_token_id=bos)
+    results: dict[str, Any] = {"perplexity": ppl.perplexity, "split": "eval", "n_tokens": ppl.n_tokens,
+                               "protocol": ppl.protocol}
+    if settings.get("tasks"):
+        from prunekit.evaluate.harness import protocol, run_tasks
+
+        limit = settings.get("limit")
+        results["tasks"] = run_tasks(model, tokenizer, settings["tasks"], num_fewshot=settings.get("num_fewshot"),
+                                     limit=int(limit) if limit is not None and float(limit) >= 1 else limit,
+                                     seed=int(settings.get("seed", 0)))
+        results["tasks_protocol"] = protocol(results["tasks"])
+    return results
 
 
 def training_record(settings: dict[str, Any], result: Any, config: Any) -> dict[str, Any]:
@@ -289,6 +320,7 @@ def train_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
     data = load_data(settings["task"])
     classification = isinstance(data, ClassificationData)
     check_model_task(settings["model"], classification, data.name)
+    check_tasks(settings, classification, data.name)
     set_seed(int(settings["seed"]))
     num_labels = len(data.label_names) if isinstance(data, ClassificationData) else 2
     model, tokenizer = load_model(settings["model"], task="classification" if classification else "causal-lm",
@@ -401,6 +433,7 @@ def finetune_job(settings: dict[str, Any], record: dict[str, Any]) -> TrainJob:
         settings["max_train_tokens"] = budget
     data = load_data(settings["data"])
     classification = isinstance(data, ClassificationData)
+    check_tasks(settings, classification, data.name)
     set_seed(int(settings["seed"]))
     task = "classification" if classification else "causal-lm"
     model, tokenizer, _ = load(settings["model"], task=task, dtype=settings["dtype"])

@@ -198,7 +198,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "max_length": 128, "seq_len": 256, "weight_decay": 0.0, "lr_warmup": 0.0, "max_grad_norm": 1.0,
     "eval_steps": None, "save_steps": None, "max_eval_examples": None, "eval_max_tokens": 16384,
     "checkpoint_dir": None, "resume": False, "stop_after": None, "keep_checkpoints": False, "out": None,
-    "overwrite": False, "progress": True,
+    "overwrite": False, "progress": True, "bos": True, "tasks": None, "num_fewshot": None, "limit": None,
 }
 
 
@@ -233,6 +233,20 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder for the trained model (required)")
     parser.add_argument("--overwrite", action="store_const", const=True, default=None,
                         help="replace an existing output folder")
+    parser.add_argument("--no-bos", dest="bos", action="store_const", const=False, default=None,
+                        help="causal LM: perplexity windows without the tokenizer's BOS token (the earlier protocol)")
+    add_harness_flags(parser, "on the trained model")
+
+
+def add_harness_flags(parser: argparse.ArgumentParser, on: str) -> None:
+    """--tasks / --num-fewshot / --limit: lm-evaluation-harness tasks run on the model in memory."""
+    harness = parser.add_argument_group(f"lm-evaluation-harness {on} (pip install 'prunekit[eval]')")
+    harness.add_argument("--tasks", default=None, metavar="NAMES",
+                         help="comma-separated lm-eval tasks: austen-cloze, austen-nextsent, reviews-zeroshot "
+                              "(offline) or lm-eval's own (need the Hugging Face hub)")
+    harness.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
+    harness.add_argument("--limit", type=float, default=None,
+                         help="documents per task (a count, or a fraction below 1; default all)")
 
 
 def print_outcome(job: Any, settings: dict[str, Any], title: str) -> None:
@@ -259,4 +273,11 @@ def print_outcome(job: Any, settings: dict[str, Any], title: str) -> None:
     if results.get("protocol"):
         print(f"perplexity: {results['protocol']}")
     print(format_table(rows, title=title), end="")
+    if results.get("tasks"):
+        from prunekit.evaluate.harness import task_rows
+
+        before = (job.before or {}).get("tasks")
+        summaries = {**({"before": before} if before else {}), str(settings["out"]): results["tasks"]}
+        print(format_table(task_rows(summaries), title="lm-evaluation-harness: accuracy ± standard error"), end="")
+        print(f"tasks protocol: {results['tasks_protocol']}")
     print(f"saved to {settings['out']}")

@@ -14,6 +14,7 @@ import yaml
 
 from prunekit.cli.common import (
     add_common,
+    add_harness_flags,
     add_method_flags,
     method_defaults,
     parse_method_args,
@@ -29,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "calib": "austen", "calib_samples": 64, "seq_len": 512,
     "eval": None, "eval_tokens": 32768, "eval_seq_len": None, "latency": True,
     "bos": True, "tasks": None, "num_fewshot": None, "limit": None,
-    "export_format": None, "export_quantize": "none", "export_dtype": "bfloat16",
+    "export_format": None, "export_quantize": "none", "export_dtype": "bfloat16", "onload": "auto",
 }
 
 
@@ -44,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_const", const=True, default=None,
                         help="replace an existing output folder (only once the new one is complete)")
     parser.add_argument("--task", default=None, help="causal-lm, classification or base (default: from the model)")
+    parser.add_argument("--onload", default=None, choices=("auto", "always", "never"),
+                        help="sequential onloading: read each block from the files only while it is pruned, write it "
+                             "out and free it (peak memory about two blocks plus activations); auto (default) does "
+                             "so when the model would not fit comfortably in memory")
     parser.add_argument("--method", default=None, help="pruning method (default wanda; see `prunekit methods`)")
     names = add_method_flags(parser, KINDS)
     parser.set_defaults(method_setting_names=names)
@@ -58,12 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="skip the latency measurement of --eval (structured methods only: zeros change no speed)")
     data.add_argument("--no-bos", dest="bos", action="store_const", const=False, default=None,
                       help="perplexity windows of --eval without the tokenizer's BOS token (the earlier protocol)")
-    harness = parser.add_argument_group("lm-evaluation-harness on dense and pruned (pip install 'prunekit[eval]')")
-    harness.add_argument("--tasks", default=None, metavar="NAMES",
-                         help="comma-separated lm-eval tasks: austen-cloze, austen-nextsent, reviews-zeroshot "
-                              "(offline) or lm-eval's own (need the Hugging Face hub)")
-    harness.add_argument("--num-fewshot", type=int, default=None, help="examples in each prompt (default: the task's)")
-    harness.add_argument("--limit", type=float, default=None, help="documents per task (default all)")
+    add_harness_flags(parser, "on dense and pruned")
     export = parser.add_argument_group("compressed output (see prunekit export --help)")
     export.add_argument("--export-format", default=None,
                         help="write --out compressed: sparse-bitmask, sparse-24-bitmask or dense (default: plain)")
