@@ -102,6 +102,28 @@ def test_prune_writes_its_output_compressed(capsys, tmp_path, tiny_llama_dir):
     one_line_error(code, err, "--export-format sparse-24-bitmask needs 2:4 zeros: add --structure 2:4")
 
 
+def test_finetune_writes_its_output_compressed_and_refuses_a_pattern_the_zeros_do_not_follow(capsys, tmp_path,
+                                                                                               pruned_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    out = tmp_path / "recovered"
+    code, stdout, err = run(capsys, "finetune", str(pruned_dir), "--data", f"text:{corpus}", "--max-steps", "1",
+                            "--batch-size", "2", "--seq-len", "16", "--no-progress", "--export-format",
+                            "sparse-bitmask", "--out", str(out))
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["sparsity_config"]["format"] == "sparse-bitmask"
+    model, _, record = load(out)
+    assert record["export"]["format"] == "sparse-bitmask" and "recovery" in record
+    for layer in get_adapter(model).prunable_layers().values():  # the zeros of half_zero survived training
+        assert torch.all(layer.weight[:, : layer.in_features // 2] == 0)
+    code, _, err = run(capsys, "finetune", str(pruned_dir), "--data", f"text:{corpus}", "--max-steps", "1",
+                       "--batch-size", "2", "--seq-len", "16", "--no-progress", "--export-format", "sparse-42",
+                       "--out", str(tmp_path / "bad"))
+    one_line_error(code, err, "sparse-42")
+    assert not (tmp_path / "bad").exists()
+
+
 def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> int:
     """A safetensors file written by hand (zeros as data); returns its header size (8 + JSON)."""
     sizes = {"F32": 4, "BF16": 2, "U8": 1}

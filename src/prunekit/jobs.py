@@ -108,8 +108,10 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
     return PruneJob(record.to_dict(), result, out, evaluation, {**timing, "total_s": time.perf_counter() - started})
 
 
-def export_settings(settings: dict[str, Any], config: MethodConfig) -> Any:
-    """The compressed export asked for by --export-format (None: a plain folder), checked before any work."""
+def export_settings(settings: dict[str, Any], config: MethodConfig | None) -> Any:
+    """The compressed export asked for by --export-format (None: a plain folder), checked before any work.
+
+    Without a method config (recovery) the zeros are checked against the format when the model is written."""
     if not settings.get("export_format"):
         return None
     from prunekit.export import ExportSettings
@@ -117,7 +119,7 @@ def export_settings(settings: dict[str, Any], config: MethodConfig) -> Any:
     export = ExportSettings(format=str(settings["export_format"]), dtype=str(settings.get("export_dtype") or
                                                                                  "bfloat16"),
                             quantize=str(settings.get("export_quantize") or "none"))
-    if export.format == "sparse-24-bitmask" and str(getattr(config, "structure", "")) != "2:4":
+    if config is not None and export.format == "sparse-24-bitmask" and str(getattr(config, "structure", "")) != "2:4":
         raise PrunekitError("--export-format sparse-24-bitmask needs 2:4 zeros: add --structure 2:4, "
                             "or use --export-format sparse-bitmask")
     return export
@@ -299,7 +301,14 @@ def finish(job: TrainJob, tokenizer: Any, data: Any, settings: dict[str, Any], r
         record["results"] = results
         if job.before is not None:
             record["results_before"] = job.before
-        save_model(job.result.model, tokenizer, settings["out"], record, overwrite=bool(settings["overwrite"]))
+        export = export_settings(settings, None)
+        if export is None:
+            save_model(job.result.model, tokenizer, settings["out"], record, overwrite=bool(settings["overwrite"]))
+        else:
+            from prunekit.export import export_model
+
+            export_model(job.result.model, tokenizer, settings["out"], export, record,
+                         overwrite=bool(settings["overwrite"]))
         if job.checkpoints.exists() and not settings["keep_checkpoints"]:
             shutil.rmtree(job.checkpoints, ignore_errors=True)
         job.record, job.results = record, results
@@ -315,6 +324,7 @@ def train_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
     from prunekit.utils import check_output_dir, set_seed
 
     check_output_dir(settings["out"], bool(settings["overwrite"]))
+    export_settings(settings, config)  # a bad --export-format fails before training
     trainer_config = train_config(settings)
     method = spec.build(config, seed=int(settings["seed"]), lr=float(settings["lr"]))
     data = load_data(settings["task"])
@@ -431,6 +441,7 @@ def finetune_job(settings: dict[str, Any], record: dict[str, Any]) -> TrainJob:
     if budget is not None:
         settings["max_steps"] = steps_for_tokens(budget, settings)
         settings["max_train_tokens"] = budget
+    export_settings(settings, None)  # a bad --export-format fails before training
     data = load_data(settings["data"])
     classification = isinstance(data, ClassificationData)
     check_tasks(settings, classification, data.name)

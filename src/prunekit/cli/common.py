@@ -199,6 +199,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "eval_steps": None, "save_steps": None, "max_eval_examples": None, "eval_max_tokens": 16384,
     "checkpoint_dir": None, "resume": False, "stop_after": None, "keep_checkpoints": False, "out": None,
     "overwrite": False, "progress": True, "bos": True, "tasks": None, "num_fewshot": None, "limit": None,
+    "export_format": None, "export_quantize": "none", "export_dtype": "bfloat16",
 }
 
 
@@ -236,6 +237,16 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bos", dest="bos", action="store_const", const=False, default=None,
                         help="causal LM: perplexity windows without the tokenizer's BOS token (the earlier protocol)")
     add_harness_flags(parser, "on the trained model")
+    add_export_flags(parser)
+
+
+def add_export_flags(parser: argparse.ArgumentParser) -> None:
+    """--export-format / --export-quantize / --export-dtype: write --out in a compressed-tensors format."""
+    export = parser.add_argument_group("compressed output (see prunekit export --help)")
+    export.add_argument("--export-format", default=None,
+                        help="write --out compressed: sparse-bitmask, sparse-24-bitmask or dense (default: plain)")
+    export.add_argument("--export-quantize", default=None, help="none (default), int8 or int4 weights")
+    export.add_argument("--export-dtype", default=None, help="stored values: bfloat16 (default), float16, float32")
 
 
 def add_harness_flags(parser: argparse.ArgumentParser, on: str) -> None:

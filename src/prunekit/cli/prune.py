@@ -14,6 +14,7 @@ import yaml
 
 from prunekit.cli.common import (
     add_common,
+    add_export_flags,
     add_harness_flags,
     add_method_flags,
     method_defaults,
@@ -64,11 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--no-bos", dest="bos", action="store_const", const=False, default=None,
                       help="perplexity windows of --eval without the tokenizer's BOS token (the earlier protocol)")
     add_harness_flags(parser, "on dense and pruned")
-    export = parser.add_argument_group("compressed output (see prunekit export --help)")
-    export.add_argument("--export-format", default=None,
-                        help="write --out compressed: sparse-bitmask, sparse-24-bitmask or dense (default: plain)")
-    export.add_argument("--export-quantize", default=None, help="none (default), int8 or int4 weights")
-    export.add_argument("--export-dtype", default=None, help="stored values: bfloat16 (default), float16, float32")
+    add_export_flags(parser)
     add_common(parser)
     parser.set_defaults(func=run)
 
