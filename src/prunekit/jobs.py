@@ -68,6 +68,10 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
         record_data, onloaded, out, timing = done
         return PruneJob(record_data, onloaded, out, {}, {**timing, "total_s": time.perf_counter() - started})
     model, tokenizer = load_model(settings["model"], task=settings["task"], device="cpu", dtype=settings["dtype"])
+    if isinstance(eval_data, TextData):
+        from prunekit.evaluate.perplexity import check_decoder_only
+
+        check_decoder_only(model)  # before the long work
     if export is not None:
         from prunekit.export import export_layers
 

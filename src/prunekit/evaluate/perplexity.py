@@ -69,6 +69,14 @@ def max_positions(model: nn.Module) -> int | None:
     return None
 
 
+def check_decoder_only(model: nn.Module) -> None:
+    """Perplexity here is a decoder-only language model's: an encoder-decoder model (T5, BART) is refused."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise PrunekitError(f"{type(model).__name__} is an encoder-decoder model: prunekit measures perplexity of "
+                            "decoder-only language models only; prune it without --eval and evaluate it on your own "
+                            "sequence-to-sequence task")
+
+
 def check_seq_len(model: nn.Module, seq_len: int, flag: str = "--seq-len") -> None:
     """Refuse a sequence length above the model's position limit."""
     limit = max_positions(model)
@@ -121,6 +129,13 @@ def forward_kwargs(model: nn.Module) -> dict[str, Any]:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return {}
     return {"use_cache": False} if isinstance(model, PreTrainedModel) else {}
+
+
+def model_call_kwargs(model: nn.Module, ids: torch.Tensor) -> dict[str, Any]:
+    """What one timed forward passes besides input_ids: an encoder-decoder model also decodes the same ids."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return {"decoder_input_ids": ids}
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +202,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, stride: int
     ``bos_token_id`` is given); ``device`` None runs where the model is; ``source`` names the text in the
     protocol sentence.
     """
+    check_decoder_only(model)
     tokens = torch.as_tensor(tokens).reshape(-1).long()
     n_given = int(tokens.numel())
     bos = bos_token_id is not None

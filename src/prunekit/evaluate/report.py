@@ -14,7 +14,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.evaluate.accuracy import accuracy
-from prunekit.evaluate.perplexity import perplexity, place_model
+from prunekit.evaluate.perplexity import check_decoder_only, perplexity, place_model
 from prunekit.evaluate.size import SIZE_PROTOCOL, size_report
 from prunekit.evaluate.speed import latency
 
@@ -280,6 +280,7 @@ def evaluate(model: nn.Module, tokenizer: Any, data: Any = None, *, seq_len: int
         kind = _kind(data, split, task)
         protocol["data"] = getattr(data, "name", None)
         if kind == "text":
+            check_decoder_only(model)
             tokens = _eval_tokens(tokenizer, data, split)
             bos_id = getattr(tokenizer, "bos_token_id", None) if bos else None
             ppl = perplexity(model, tokens, seq_len=seq_len, stride=stride, max_tokens=max_tokens,

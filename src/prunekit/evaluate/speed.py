@@ -38,7 +38,14 @@ from torch import nn
 from transformers.generation.streamers import BaseStreamer
 
 from prunekit.errors import PrunekitError
-from prunekit.evaluate.perplexity import check_seq_len, eval_mode, forward_kwargs, max_positions, place_model
+from prunekit.evaluate.perplexity import (
+    check_seq_len,
+    eval_mode,
+    forward_kwargs,
+    max_positions,
+    model_call_kwargs,
+    place_model,
+)
 
 
 @dataclass
@@ -165,6 +172,7 @@ def latency(model: nn.Module, batch_size: int = 1, seq_len: int = 128, n_warmup:
         _check_decode_length(model, seq_len, gen_tokens)
 
     with eval_mode(model), torch.inference_mode():
+        extra = {**extra, **model_call_kwargs(model, ids)}
         forward = _timed(lambda: model(input_ids=ids, attention_mask=mask, **extra), run_device, n_warmup, n_runs)
         decode_ms: float | None = None
         if decode:
@@ -274,7 +282,8 @@ def compare_latency(models: Mapping[str, nn.Module], *, seq_len: int = 128, batc
 
     def forward_call(name: str) -> Callable[[], Any]:
         model, ids = models[name], inputs[name]
-        extra = {**forward_kwargs(model), **({"logits_to_keep": 1} if last_only[name] else {})}
+        extra = {**forward_kwargs(model), **model_call_kwargs(model, ids),
+                 **({"logits_to_keep": 1} if last_only[name] else {})}
         return lambda: model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra)
 
     calls = {name: forward_call(name) for name in names}
