@@ -52,11 +52,44 @@ def configurations(quick: bool) -> list[dict[str, Any]]:
     return runs
 
 
+# issue 11 (--plus): RIA, channel permutation, mask refinement (swaps), block reconstruction; ablations
+# filled in by --recon-steps / --recon-lr; a step fits one micro-batch of 2 samples (1,024 tokens)
+RECON: dict[str, Any] = {"reconstruct_steps": 0, "reconstruct_lr": 1e-4, "micro_batch_size": 2}
+
+
+def plus_configurations() -> list[dict[str, Any]]:
+    """The --plus runs: RIA and permutation rows, then each part of the best recipe added one at a time."""
+    runs: list[dict[str, Any]] = [{"method": "dense"},
+                                  {"method": "ria", "sparsity": 0.5}, {"method": "ria", "structure": "2:4"},
+                                  {"method": "ria", "structure": "2:4", "permute": True},
+                                  {"method": "wanda", "structure": "2:4", "permute": True}]
+    for amount in ({"sparsity": 0.5}, {"structure": "2:4"}, {"sparsity": 0.7}):
+        runs += [{"method": "sparsegpt", **amount, "refine": "swaps"},
+                 {"method": "sparsegpt", **amount, "reconstruct_steps": "RECON"},
+                 {"method": "sparsegpt", **amount, "refine": "swaps", "reconstruct_steps": "RECON"}]
+    return runs
+
+
+def resolved(run: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings with the reconstruction placeholders filled in."""
+    out = dict(run)
+    if out.get("reconstruct_steps") == "RECON":
+        out.update(RECON)
+    return out
+
+
 def label(run: dict[str, Any]) -> str:
     if run["method"] == "dense":
         return "dense"
     amount = run.get("structure") or f"{100 * run['sparsity']:.0f}%"
-    return f"{run['method']} {amount}" + (" owl" if run.get("allocation") == "owl" else "")
+    text = f"{run['method']} {amount}" + (" owl" if run.get("allocation") == "owl" else "")
+    if run.get("permute"):
+        text += " +permute"
+    if run.get("refine", "none") != "none":
+        text += f" +{run['refine']}"
+    if run.get("reconstruct_steps"):
+        text += f" +recon{run['reconstruct_steps']}"
+    return text
 
 
 def _status_mb(key: str) -> float:
@@ -124,6 +157,7 @@ def run_one(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         out["timing"] = result.timing
         out["sparsity"] = result.sparsity
         out["block_sparsity"] = result.block_sparsity
+        out["method_result"] = result.extra
         del calib
     start = time.perf_counter()
     ppl = perplexity(model, tokens, seq_len=args.seq_len, device=args.device, progress=False)
@@ -134,13 +168,18 @@ def run_one(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def time_cli(args: argparse.Namespace, method: str = "sparsegpt") -> dict[str, Any]:
+def time_cli(args: argparse.Namespace, method: str = "sparsegpt", settings: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
     """Wall time of the whole `prunekit prune` command (load, calibrate, prune, save)."""
     import tempfile
 
+    flags: list[str] = ["--sparsity", "0.5"]
+    for key, value in (settings or {}).items():
+        if key not in ("method", "sparsity"):
+            flags += ["--method-arg", f"{key}={value}"]
     with tempfile.TemporaryDirectory(prefix="prunekit-bench-") as tmp:
         command = [sys.executable, "-m", "prunekit.cli.main", "prune", args.model, "--method", method,
-                   "--sparsity", "0.5", "--calib", args.data, "--calib-samples", str(args.samples), "--seq-len",
+                   *flags, "--calib", args.data, "--calib-samples", str(args.samples), "--seq-len",
                    str(args.seq_len), "--seed", str(args.seed), "--device", args.device, "--out", f"{tmp}/out"]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
@@ -151,7 +190,7 @@ def time_cli(args: argparse.Namespace, method: str = "sparsegpt") -> dict[str, A
         cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"prunekit prune failed:\n{proc.stderr}")
-    return {"label": f"prunekit prune --method {method} --sparsity 0.5 (load, prune, save)", "wall_s": wall,
+    return {"label": f"prunekit prune --method {method} {' '.join(flags)} (load, prune, save)", "wall_s": wall,
             "cpu_s": cpu, "load_average": os.getloadavg()[0], "peak_rss_mb": peak,
             "command": "prunekit " + " ".join(command[3:])}
 
@@ -176,23 +215,30 @@ def markdown(results: list[dict[str, Any]], cli: dict[str, Any] | None, meta: di
         f"- machine: {meta['machine']}; torch threads {meta['threads']}; load average at start {meta['load']} "
         "(other work on the same cores inflates wall times; CPU s counts this process's threads)",
         f"- date: {meta['date']}; prunekit {meta['prunekit']}, torch {meta['torch']}", "",
-        "| configuration | perplexity | reference | sparsity | prune s (CPU s) | peak RSS MB in prune (before) |",
-        "|---|---|---|---|---|---|"]
+        "| configuration | perplexity | x dense | reference | sparsity | prune s (CPU s) "
+        "| peak RSS MB in prune (before) |",
+        "|---|---|---|---|---|---|---|"]
+    dense = next((row["perplexity"] for row in results if row["label"] == "dense"), None)
     for row in results:
         settings = row["settings"]
         amount = settings.get("structure") or (str(settings.get("sparsity")) if "sparsity" in settings else None)
-        ref = REFERENCE.get((settings["method"], amount)) if settings.get("allocation") is None else None
+        plain = not (settings.get("allocation") or settings.get("permute") or settings.get("reconstruct_steps")
+                     or settings.get("refine", "none") != "none")
+        ref = REFERENCE.get((settings["method"], amount)) if plain else None
+        ratio = f"{row['perplexity'] / dense:.2f}x" if dense else "-"
         prune_s = f"{row['prune_s']:.1f} ({row['prune_cpu_s']:.0f})" if "prune_s" in row else "-"
         memory = (f"{row['peak_rss_prune_mb']:.0f} ({row['rss_before_prune_mb']:.0f})"
                   if "peak_rss_prune_mb" in row else "-")
         sparsity = f"{100 * row['sparsity']:.2f}%" if "sparsity" in row else "0%"
-        lines.append(f"| {row['label']} | {row['perplexity']:.2f} | {ref if ref is not None else '-'} | {sparsity} "
+        lines.append(f"| {row['label']} | {row['perplexity']:.2f} | {ratio} | {ref if ref is not None else '-'} "
+                     f"| {sparsity} "
                      f"| {prune_s} | {memory} |")
     lines += ["", f"Reference pruning time on 2 cores: wanda {REFERENCE_SECONDS['wanda']:.0f} s, sparsegpt "
               f"{REFERENCE_SECONDS['sparsegpt']:.0f} s. 'prune s' is prunekit.prune() alone (model already loaded)."]
-    if cli:
-        lines += ["", f"End to end: `{cli['command']}`: {cli['wall_s']:.1f} s wall "
-                      f"({cli.get('cpu_s', 0):.0f} CPU s), peak RSS {cli['peak_rss_mb']:.0f} MB."]
+    for timed in (cli, meta.get("cli_recipe")):
+        if timed:
+            lines += ["", f"End to end: `{timed['command']}`: {timed['wall_s']:.1f} s wall "
+                          f"({timed.get('cpu_s', 0):.0f} CPU s), peak RSS {timed['peak_rss_mb']:.0f} MB."]
     lines += ["", "Unstructured and 2:4 zeros are stored densely: file size and dense-kernel speed do not change."]
     return "\n".join(lines) + "\n"
 
@@ -210,6 +256,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--plus", action="store_true", help="issue 11's runs (RIA, permutation, refinement, "
+                        "reconstruction) into NAME=oneshot_plus")
+    parser.add_argument("--labels", default=None, help="semicolon-separated row labels to run (e.g. 'ria 2:4')")
+    parser.add_argument("--recon-steps", type=int, default=0, help="--plus: reconstruction steps per block")
+    parser.add_argument("--recon-lr", type=float, default=1e-4, help="--plus: reconstruction learning rate")
+    parser.add_argument("--cli-recipe", default=None, help="JSON settings of a recipe whose whole `prunekit prune` "
+                        "command is timed right after SparseGPT's (both at 50 %%)")
+    parser.add_argument("--name", default=None, help="results file stem (default oneshot, or oneshot_plus)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -220,7 +274,11 @@ def main() -> int:
 
     import prunekit
 
-    runs = configurations(args.quick)
+    RECON.update(reconstruct_steps=args.recon_steps, reconstruct_lr=args.recon_lr)
+    runs = [resolved(run) for run in plus_configurations()] if args.plus else configurations(args.quick)
+    if args.labels:
+        wanted_labels = {item.strip() for item in args.labels.split(";")}
+        runs = [r for r in runs if label(r) in wanted_labels]
     if args.only:
         wanted = {m.strip() for m in args.only.split(",")}
         runs = [r for r in runs if r["method"] == "dense" or r["method"] in wanted]
@@ -230,9 +288,14 @@ def main() -> int:
             "threads": torch.get_num_threads(), "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "prunekit": prunekit.__version__,
             "torch": torch.__version__}
-    cli = time_cli(args) if args.cli else None  # first: the children's peak memory is then this command's
+    cli = time_cli(args) if args.cli or args.cli_recipe else None  # first: the children's peak memory is then its
     if cli:
         print(f"{cli['label']}: {cli['wall_s']:.1f} s", flush=True)
+    if args.cli_recipe:  # the recipe's whole command right after SparseGPT's, same machine state
+        recipe = json.loads(args.cli_recipe)
+        timed = time_cli(args, recipe["method"], recipe)
+        print(f"{timed['label']}: {timed['wall_s']:.1f} s", flush=True)
+        meta["cli_recipe"] = timed
     results = []
     for run in runs:
         row = child(run, args)
@@ -241,11 +304,19 @@ def main() -> int:
               f"peak {row.get('peak_rss_prune_mb', 0):6.0f} MB", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "oneshot.json").write_text(json.dumps({"meta": meta, "results": results, "cli": cli,
+    name = args.name or ("oneshot_plus" if args.plus else "oneshot")
+    if args.plus and (out / f"{name}.json").exists():  # --plus adds its rows to the earlier ones (same label: new)
+        earlier = json.loads((out / f"{name}.json").read_text())["results"]
+        fresh = {row["label"] for row in results}
+        order = [label(resolved(run)) for run in plus_configurations()]
+        merged = {row["label"]: row for row in [row for row in earlier if row["label"] not in fresh] + results}
+        results = sorted(merged.values(),
+                         key=lambda row: order.index(row["label"]) if row["label"] in order else len(order))
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results, "cli": cli,
                                                   "reference": {f"{k[0]} {k[1]}": v for k, v in REFERENCE.items()},
                                                   "reference_seconds": REFERENCE_SECONDS}, indent=2) + "\n")
-    (out / "oneshot.md").write_text(markdown(results, cli, meta))
-    print(f"wrote {out / 'oneshot.json'} and {out / 'oneshot.md'}")
+    (out / f"{name}.md").write_text(markdown(results, cli, meta))
+    print(f"wrote {out / f'{name}.json'} and {out / f'{name}.md'}")
     return 0
 
 

@@ -23,6 +23,8 @@ from prunekit.adapters.layers import (
     keep_inputs,
     keep_outputs,
     make_linear_like,
+    reorder_inputs,
+    reorder_outputs,
     weight_view,
 )
 from prunekit.adapters.llama import LlamaAdapter
@@ -57,4 +59,4 @@ def structured_adapter(model: nn.Module) -> ModelAdapter:
 
 __all__ = ["ADAPTERS", "LINEAR_TYPES", "GenericAdapter", "ModelAdapter", "ModelHead", "get_adapter", "grad_view",
            "is_linear", "keep_inputs", "keep_outputs", "make_linear_like", "model_head", "register_adapter",
-           "structured_adapter", "weight_view"]
+           "reorder_inputs", "reorder_outputs", "structured_adapter", "weight_view"]

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from prunekit.adapters.layers import is_linear
+from prunekit.adapters.layers import is_linear, reorder_inputs, reorder_outputs
 from prunekit.errors import PrunekitError
 
 
@@ -189,6 +189,40 @@ class ModelAdapter:
         q = torch.arange(heads * head_dim).reshape(heads, head_dim)
         k = heads * head_dim + torch.arange(kv_heads * head_dim).reshape(kv_heads, head_dim)
         return q, k, k + kv_heads * head_dim
+
+    # ---- FFN channel permutation ---------------------------------------------------------
+    def ffn_permutation_refusal(self) -> str | None:
+        """Why this layout cannot reorder its FFN's intermediate channels, or None when it can.
+
+        The intermediate channels are produced by the ``mlp_in`` layers (one output row per channel, in
+        ``mlp_in_chunks`` parts), go through an elementwise activation (and product, when gated) and are
+        read by ``mlp_out``'s inputs: reordering all of them alike leaves the block's function unchanged.
+        """
+        if len(self.stacks()) > 1:
+            return (f"model type '{self._model_type()}' (encoder-decoder) has no adapter naming its FFN layers, "
+                    "so its channels cannot be permuted: drop permute")
+        if not self.mlp_in or not self.mlp_out:
+            return (f"model type '{self._model_type()}' has no adapter naming its FFN layers, so its channels "
+                    "cannot be permuted: drop permute (or add an adapter in prunekit/adapters)")
+        return None
+
+    def ffn_output_name(self) -> str:
+        """The layer (relative to a block) whose input channels :meth:`permute_ffn_channels` reorders."""
+        refusal = self.ffn_permutation_refusal()
+        if refusal:
+            raise PrunekitError(refusal)
+        return self.mlp_out
+
+    def permute_ffn_channels(self, block: nn.Module, order: torch.Tensor) -> list[str]:
+        """Reorder the block's FFN intermediate channels (new channel i = old ``order[i]``); the names changed.
+
+        The producers' output rows (gate and up alike) and the consumer's input columns move together.
+        """
+        consumer = self.ffn_output_name()
+        for name in self.mlp_in:
+            reorder_outputs(get_submodule(block, name), order, self.mlp_in_chunks)
+        reorder_inputs(get_submodule(block, consumer), order)
+        return [*self.mlp_in, consumer]
 
     # ---- sizes --------------------------------------------------------------------------
     def _config_value(self, attrs: tuple[str, ...]) -> int | None:

@@ -82,6 +82,35 @@ def keep_inputs(module: nn.Module, keep: torch.Tensor) -> None:
         raise _not_linear(layer)
 
 
+def reorder_outputs(module: nn.Module, order: torch.Tensor, chunks: int = 1) -> None:
+    """Reorder the output features of a linear layer (and its bias) in place: new feature i = old ``order[i]``.
+
+    ``chunks``: the outputs are that many equal parts (Phi-3's gate_up_proj: gate, then up), each
+    reordered alike; ``order`` indexes one part.
+    """
+    layer: Any = module
+    weight = weight_view(layer)
+    size = weight.shape[0] // chunks
+    if weight.shape[0] % chunks or order.numel() != size:
+        raise ValueError(f"an order of {order.numel()} features does not fit {weight.shape[0]} outputs in "
+                         f"{chunks} parts")
+    order = order.to(weight.device)
+    rows = torch.cat([order + part * size for part in range(chunks)])
+    with torch.no_grad():
+        weight.copy_(weight[rows].clone())
+        if layer.bias is not None:
+            layer.bias.data.copy_(layer.bias.data[rows].clone())
+
+
+def reorder_inputs(module: nn.Module, order: torch.Tensor) -> None:
+    """Reorder the input features of a linear layer in place: new input j = old input ``order[j]``."""
+    weight = weight_view(module)
+    if order.numel() != weight.shape[1]:
+        raise ValueError(f"an order of {order.numel()} features does not fit {weight.shape[1]} inputs")
+    with torch.no_grad():
+        weight.copy_(weight[:, order.to(weight.device)].clone())
+
+
 def make_linear_like(weight: torch.Tensor, bias: torch.Tensor | None,
                      like: nn.Module | type[nn.Module]) -> nn.Module:
     """A new layer of the same kind as ``like`` (a layer or its class) holding ``weight`` (out, in) and ``bias``.

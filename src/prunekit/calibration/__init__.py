@@ -21,6 +21,8 @@ from prunekit.calibration.engine import (
     run_blockwise,
     single_thread,
 )
+from prunekit.calibration.placement import BlockPlacement, MovePlacement
 
-__all__ = ["CACHE_KWARGS", "BlockArgs", "BlockInputs", "BlockVisitor", "EngineReport", "Observer", "all_threads",
+__all__ = ["CACHE_KWARGS", "BlockArgs", "BlockInputs", "BlockPlacement", "BlockVisitor", "EngineReport",
+           "MovePlacement", "Observer", "all_threads",
            "block_output", "capture_block_inputs", "run_blockwise", "single_thread"]

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import get_adapter
+from prunekit.calibration.placement import BlockPlacement, MovePlacement
 from prunekit.errors import PrunekitError
 
 CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
@@ -87,14 +88,6 @@ def block_output(out: Any) -> torch.Tensor:
     raise PrunekitError(f"a transformer block returned {type(out).__name__}, not hidden states: {NEEDS_ADAPTER}")
 
 
-def module_device(module: nn.Module) -> torch.device:
-    for param in module.parameters():
-        return param.device
-    for buffer in module.buffers():
-        return buffer.device
-    return torch.device("cpu")
-
-
 def _neutralise(value: Any) -> Any:
     """Replace cache objects (which would grow across calls) by None."""
     try:
@@ -126,44 +119,23 @@ def _forward_flags(model: nn.Module) -> dict[str, Any]:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
-def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> dict[int, torch.device]:
-    """Move every parameter and buffer NOT inside ``blocks`` to ``device``; returns their old devices."""
-    inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
-    old: dict[int, torch.device] = {}
-    with torch.no_grad():
-        for module in model.modules():
-            for attr in ("_parameters", "_buffers"):
-                tensors = getattr(module, attr)
-                for tensor in list(tensors.values()):
-                    if tensor is None or id(tensor) in inside or tensor.device == device:
-                        continue
-                    old.setdefault(id(tensor), tensor.device)
-                    tensor.data = tensor.data.to(device)
-    return old
-
-
-def _restore_outside(model: nn.Module, old: dict[int, torch.device]) -> None:
-    with torch.no_grad():
-        for module in model.modules():
-            for attr in ("_parameters", "_buffers"):
-                for tensor in getattr(module, attr).values():
-                    if tensor is not None and id(tensor) in old:
-                        tensor.data = tensor.data.to(old[id(tensor)])
-
-
 class _Pass:
     """One forward pass of one micro-batch that records every block's call (stand-ins or the real blocks)."""
 
-    def __init__(self, blocks: nn.ModuleList, device: torch.device, stand_in: bool, output: Any = None) -> None:
+    def __init__(self, blocks: nn.ModuleList, device: torch.device, stand_in: bool, output: Any = None,
+                 placement: BlockPlacement | None = None) -> None:
         self.blocks = blocks
         self.device = device
+        self.placement = placement or MovePlacement()
         self.stand_in = stand_in
         self.output = output  # the first block's real output (for the stand-ins to mimic its structure)
-        self.calls: list[list[tuple[torch.Tensor, BlockArgs]]] = [[] for _ in blocks]
+        self.calls: list[list[tuple[torch.Tensor | None, BlockArgs]]] = [[] for _ in blocks]
 
     def record(self, position: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
         hidden, own = _split_call(args, kwargs)
-        self.calls[position].append((hidden, own))
+        # only the first block's hidden states are kept: later blocks' come from the engine's replay, and
+        # keeping every block's (a whole forward pass of activations) would cost memory for nothing
+        self.calls[position].append((hidden if position == 0 else None, own))
         if position == len(self.blocks) - 1:
             raise StopForward  # nothing after the last block is needed
         return hidden
@@ -181,7 +153,7 @@ class _Pass:
         """Stand-ins in place of the blocks' forwards, or hooks that record the real calls (and place each block)."""
         saved: list[tuple[nn.Module, Any]] = []
         handles: list[Any] = []
-        homes: dict[int, torch.device] = {}
+        homes: set[int] = set()  # blocks entered and not yet left
         try:
             for position, block in enumerate(self.blocks):
                 if self.stand_in:
@@ -199,27 +171,23 @@ class _Pass:
                     del block.forward
                 else:
                     block.forward = forward
-            for position, home in homes.items():  # a pass stopped inside a block: put it back
-                with torch.no_grad():
-                    self.blocks[position].to(home)
+            for position in sorted(homes):  # a pass stopped inside a block: put it back
+                self.placement.leave(self.blocks[position], changed=False)
 
-    def _pre_hook(self, position: int, homes: dict[int, torch.device]) -> Any:
+    def _pre_hook(self, position: int, homes: set[int]) -> Any:
         def hook(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self.record(position, args, kwargs)
-            home = module_device(block)
-            if home != self.device:
-                homes[position] = home
-                with torch.no_grad():
-                    block.to(self.device)
+            homes.add(position)
+            self.placement.enter(block, self.device)
         return hook
 
-    def _post_hook(self, position: int, homes: dict[int, torch.device]) -> Any:
+    def _post_hook(self, position: int, homes: set[int]) -> Any:
         def hook(block: nn.Module, _args: Any, out: Any) -> None:
             if position == 0 and self.output is None:
                 self.output = out
             if position in homes:
-                with torch.no_grad():
-                    block.to(homes.pop(position))
+                homes.discard(position)
+                self.placement.leave(block, changed=False)
         return hook
 
     def run(self, model: nn.Module, inputs: dict[str, Any]) -> None:
@@ -260,30 +228,32 @@ def _stand_ins_agree(real: _Pass, stand: _Pass) -> bool:
 
 
 def capture_block_inputs(model: nn.Module, calibration: torch.Tensor, *, device: torch.device,
-                         micro_batch_size: int = 8, stack: int = 0) -> list[BlockInputs]:
+                         micro_batch_size: int = 8, stack: int = 0,
+                         placement: BlockPlacement | None = None) -> list[BlockInputs]:
     """Run the calibration batch through the model one micro-batch at a time; return what each block receives.
 
     ``stack`` picks the block list (0, or 1 for an encoder-decoder's decoder); see the module docstring.
+    ``placement`` brings the weights to ``device`` (default: moved there and back; see
+    :mod:`prunekit.calibration.placement`).
     """
+    placement = placement or MovePlacement()
     adapter = get_adapter(model)
     blocks = adapter.stacks()[stack]
     flags = _forward_flags(model)
     captured: list[BlockInputs] = []
     stand_in = False
     output: Any = None
-    old = _move_outside(model, blocks, device)
-    try:
-        with torch.inference_mode():
-            for start in range(0, calibration.shape[0], micro_batch_size):
-                inputs = {**adapter.forward_inputs(calibration[start:start + micro_batch_size].to(device)), **flags}
-                recorded = _Pass(blocks, device, stand_in, output)
-                recorded.run(model, inputs)
-                if start == 0:
-                    output = recorded.output
-                    stand_in = _try_stand_ins(model, inputs, recorded, blocks, device)
-                captured.append(BlockInputs(recorded.calls[0][0][0], [own for ((_, own),) in recorded.calls]))
-    finally:
-        _restore_outside(model, old)
+    with placement.outside(model, blocks, device), torch.inference_mode():
+        for start in range(0, calibration.shape[0], micro_batch_size):
+            inputs = {**adapter.forward_inputs(calibration[start:start + micro_batch_size].to(device)), **flags}
+            recorded = _Pass(blocks, device, stand_in, output, placement)
+            recorded.run(model, inputs)
+            if start == 0:
+                output = recorded.output
+                stand_in = _try_stand_ins(model, inputs, recorded, blocks, device)
+            first = recorded.calls[0][0][0]
+            assert first is not None
+            captured.append(BlockInputs(first, [own for ((_, own),) in recorded.calls]))
     return captured
 
 

@@ -13,6 +13,9 @@
 
 Layers that read the very same input tensor (q/k/v, gate/up) share one observer, so statistics are
 gathered once per input stream. Only the current block and the activations live on ``device``.
+Where a block's weights come from and go to is the ``placement``'s business
+(:mod:`prunekit.calibration.placement`): moved from the model in memory and back (default), or read
+from the files and written out (sequential onloading, :mod:`prunekit.onload`).
 Blocks are numbered across stacks (encoder blocks first) in what the visitor sees.
 """
 
@@ -28,7 +31,8 @@ import torch
 from torch import nn
 
 from prunekit.adapters import get_adapter
-from prunekit.calibration.capture import BlockInputs, StopForward, capture_block_inputs, module_device
+from prunekit.calibration.capture import BlockInputs, StopForward, capture_block_inputs
+from prunekit.calibration.placement import BlockPlacement, MovePlacement, module_device
 from prunekit.errors import PrunekitError
 
 
@@ -46,6 +50,8 @@ class BlockVisitor:
     """
 
     modifies: bool = True
+    # the stats pass runs the whole dense block and its outputs go to refit() after finish()
+    wants_dense_outputs: bool = False
 
     def layers(self, index: int, block: nn.Module) -> dict[str, nn.Module]:
         """Layers of this block to observe, by full module name (empty: no stats pass)."""
@@ -61,6 +67,11 @@ class BlockVisitor:
 
     def outputs(self, index: int, hidden: list[torch.Tensor]) -> None:
         """Called with the block's output hidden states, one tensor per micro-batch."""
+
+    def refit(self, index: int, position: int, block: nn.Module, inputs: list[BlockInputs],
+              dense: list[torch.Tensor]) -> None:
+        """With ``wants_dense_outputs``: called after finish() (outside inference mode, every thread) with the
+        block's inputs and the dense block's outputs on them, one per micro-batch; may change the block again."""
 
 
 @dataclass
@@ -205,8 +216,12 @@ class _StatsPass:
 
 def run_blockwise(model: nn.Module, calibration: torch.Tensor, visitor: BlockVisitor, *,
                   device: str | torch.device | None = None, micro_batch_size: int = 8, progress: bool = True,
-                  desc: str = "blocks") -> EngineReport:
-    """Go through the model's blocks in order with ``visitor`` (see the module docstring)."""
+                  desc: str = "blocks", placement: BlockPlacement | None = None) -> EngineReport:
+    """Go through the model's blocks in order with ``visitor`` (see the module docstring).
+
+    ``placement`` brings each block's weights to the device for its turn and takes them back (default:
+    moved there and back; :mod:`prunekit.onload` reads them from the files and writes them out).
+    """
     from tqdm.auto import tqdm
 
     from prunekit.utils import resolve_device
@@ -215,6 +230,7 @@ def run_blockwise(model: nn.Module, calibration: torch.Tensor, visitor: BlockVis
         raise PrunekitError(f"calibration must be a LongTensor [samples, seq_len] of token ids, got "
                             f"{calibration.dtype} with shape {tuple(calibration.shape)}")
     run_device = resolve_device(device)
+    placement = placement or MovePlacement()
     stacks = get_adapter(model).stacks()
     total = sum(len(stack) for stack in stacks)
     report = EngineReport(blocks=total, samples=int(calibration.shape[0]), tokens=int(calibration.numel()),
@@ -224,18 +240,17 @@ def run_blockwise(model: nn.Module, calibration: torch.Tensor, visitor: BlockVis
         for number, blocks in enumerate(stacks):
             start = time.perf_counter()
             inputs = capture_block_inputs(model, calibration, device=run_device, micro_batch_size=micro_batch_size,
-                                          stack=number)
+                                          stack=number, placement=placement)
             report.capture_s += time.perf_counter() - start
             for position, block in enumerate(blocks):
-                home = module_device(block)
-                with torch.no_grad():
-                    block.to(run_device)
+                placement.enter(block, run_device)
                 try:
                     _visit_block(offset + position, position, block, inputs, visitor, report,
                                  last=position == len(blocks) - 1)
-                finally:
-                    with torch.no_grad():
-                        block.to(home)
+                except BaseException:
+                    placement.leave(block, changed=False)
+                    raise
+                placement.leave(block, changed=visitor.modifies)
                 bar.update(1)
             offset += len(blocks)
     return report
@@ -254,11 +269,15 @@ def _visit_block(index: int, position: int, block: nn.Module, inputs: list[Block
     if layers:
         stats = _StatsPass(layers, visitor)
         with torch.inference_mode():
-            outputs = stats.run(block, position, inputs, keep_outputs=not visitor.modifies)
+            outputs = stats.run(block, position, inputs,
+                                keep_outputs=not visitor.modifies or visitor.wants_dense_outputs)
         report.stats_s += time.perf_counter() - start
         start = time.perf_counter()
         with torch.inference_mode(), single_thread(module_device(block)):
             visitor.finish(index, block, layers, stats.observers)
+        if visitor.wants_dense_outputs and visitor.modifies:
+            visitor.refit(index, position, block, inputs, outputs)
+            outputs = []  # the block changed: its outputs come from the replay
         report.change_s += time.perf_counter() - start
         start = time.perf_counter()
     if last and type(visitor).outputs is BlockVisitor.outputs:

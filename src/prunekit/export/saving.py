@@ -12,6 +12,7 @@ rebuilds them before reading the weights.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,17 @@ def save_model(model: nn.Module, tokenizer: Any, out: str | Path,
         raise PrunekitError(f"cannot save a {type(model).__name__}: save_model needs a transformers model "
                             "(one with save_pretrained)")
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_record(tmp, record_data)
+        try:
+            save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            write_record(tmp, record_data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise PrunekitError(f"not enough disk space for the model in '{Path(out).absolute().parent}' "
+                                    f"({exc.strerror}): free some space or choose another --out; nothing was "
+                                    "written") from exc
+            raise
     return Path(out)
 
 

@@ -19,8 +19,8 @@ from prunekit.methods.registry import KINDS, MethodConfig, MethodSpec, register,
 
 # the modules of the built-in methods, imported (and so registered) on first use of the registry
 BUILTIN_MODULES = ("prunekit.methods.magnitude", "prunekit.methods.random_method", "prunekit.methods.wanda",
-                   "prunekit.methods.sparsegpt", "prunekit.methods.structured", "prunekit.methods.gradual",
-                   "prunekit.methods.flop")
+                   "prunekit.methods.sparsegpt", "prunekit.methods.ria", "prunekit.methods.structured",
+                   "prunekit.methods.gradual", "prunekit.methods.flop")
 
 
 def _load_builtin() -> None:

@@ -51,9 +51,17 @@ class SparsityConfig(EngineConfig):
     include: list[str] | None = setting(None, "fnmatch patterns of full layer names to prune (comma-separated); "
                                               "default every block linear")
     exclude: list[str] | None = setting(None, "fnmatch patterns of full layer names to keep (comma-separated)")
+    refine: str = setting("none", "after each layer's mask: none, or swaps (one-for-one mask swaps per row that lower "
+                                  "the layer's output error, from XᵀX; same sparsity and N:M)",
+                          choices=("none", "swaps"))
+    refine_iterations: int = setting(50, "swaps: at most this many swaps per output row")
+    reconstruct_steps: int = setting(0, "after each block is pruned: Adam steps fitting its kept weights (masks "
+                                        "fixed) to the dense block's outputs on the calibration inputs; 0: none")
+    reconstruct_lr: float = setting(1e-4, "reconstruction: Adam learning rate")
 
     def check(self) -> None:
         super().check()
+        self._check_refinement()
         structure = self.structure_spec()
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise PrunekitError(f"sparsity {self.sparsity} is outside [0, 1): use a fraction such as 0.5")
@@ -64,6 +72,27 @@ class SparsityConfig(EngineConfig):
         if structure.is_nm and self.sparsity is not None and abs(self.sparsity - (structure.sparsity or 0.0)) > 1e-9:
             raise PrunekitError(f"sparsity {self.sparsity:g} contradicts structure {structure} (which prunes "
                                 f"{structure.sparsity:g}): drop --sparsity or use unstructured")
+
+    def _check_refinement(self) -> None:
+        if self.refine_iterations < 1:
+            raise PrunekitError(f"{self.method}: refine_iterations {self.refine_iterations} must be at least 1")
+        if self.reconstruct_steps < 0:
+            raise PrunekitError(f"{self.method}: reconstruct_steps {self.reconstruct_steps} must be 0 (none) or more")
+        if not self.reconstruct_lr > 0:
+            raise PrunekitError(f"{self.method}: reconstruct_lr {self.reconstruct_lr:g} must be positive (e.g. 1e-4)")
+        if self.refine == "none" and self.reconstruct_steps == 0:
+            return
+        asked = "refine" if self.refine != "none" else "reconstruct_steps"
+        if getattr(self, "compare", "row") == "global":
+            raise PrunekitError(f"{self.method}: {asked} works block by block, but compare=global chooses every "
+                                "layer's mask at once: use compare row or layer")
+        if getattr(self, "include_lm_head", False):
+            raise PrunekitError(f"{self.method}: {asked} works on the blocks' layers, not the LM head: drop "
+                                "include_lm_head")
+
+    def refines(self) -> bool:
+        """Whether masks are refined or blocks reconstructed after the method (both read calibration)."""
+        return self.refine != "none" or self.reconstruct_steps > 0
 
     def structure_spec(self) -> Structure:
         """The parsed ``structure`` (unstructured or N:M)."""
@@ -82,7 +111,7 @@ class SparsityConfig(EngineConfig):
         self.target_sparsity()
 
     def needs_calibration(self) -> bool:
-        return self.allocation == "owl"
+        return self.allocation == "owl" or self.refines()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.calibration import BlockVisitor, Observer, run_blockwise
+from prunekit.calibration import BlockPlacement, BlockVisitor, Observer, run_blockwise
 from prunekit.errors import PrunekitError
 from prunekit.methods.wanda import WandaMethod
 
@@ -75,14 +75,15 @@ class _OutlierVisitor(BlockVisitor):
 
 def owl_allocation(model: nn.Module, calibration: torch.Tensor, config: Any, target: float,
                    layers_by_block: list[dict[str, nn.Module]], *, device: torch.device | str | None = None,
-                   micro_batch_size: int = 8, progress: bool = True) -> tuple[list[float], list[float]]:
+                   micro_batch_size: int = 8, progress: bool = True,
+                   placement: BlockPlacement | None = None) -> tuple[list[float], list[float]]:
     """(per-block sparsity, per-block outlier ratio) from a dense pass over the calibration batch.
 
     Blocks with no selected layer get ratio 0 and take no part in the normalisation (sparsity 0).
     """
     visitor = _OutlierVisitor(config, layers_by_block)
     run_blockwise(model, calibration, visitor, device=device, micro_batch_size=micro_batch_size,
-                  progress=progress, desc="owl outliers")
+                  progress=progress, desc="owl outliers", placement=placement)
     ratios: list[float] = []
     counted = iter(visitor.ratios)
     for layers in layers_by_block:

@@ -66,6 +66,12 @@ class SparseGPTMethod(LayerwiseMethod):
         self.n_tokens += rows.shape[0]
         self._factor = None
 
+    def gram(self) -> torch.Tensor:
+        """XᵀX summed over the calibration tokens (symmetric); only before :meth:`prune` frees the statistics."""
+        if self.hessian is None:
+            raise RuntimeError("sparsegpt: XᵀX is gone (freed after the factorisation) or was never collected")
+        return symmetric_from_upper(self.hessian)
+
     def inverse_factor(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(upper Cholesky factor of the dampened H⁻¹ in float32, bool mask of dead inputs); cached."""
         if self._factor is not None:

@@ -11,6 +11,7 @@ from torch import nn
 from prunekit.adapters import weight_view
 from prunekit.masks import Structure, select_mask
 from prunekit.methods.base import CompareConfig, LayerwiseMethod, flat_inputs
+from prunekit.methods.permutation import check_permute
 from prunekit.methods.registry import register, setting
 
 
@@ -18,6 +19,12 @@ from prunekit.methods.registry import register, setting
 class WandaConfig(CompareConfig):
     compare: str = setting("row", "which weights compete: row (each output row, as in the paper) or layer",
                            choices=("row", "layer"))
+    permute: bool = setting(False, "N:M: reorder the FFN's intermediate channels (gate/up rows and down columns "
+                                   "together, same function) so large scores spread over the groups")
+
+    def check(self) -> None:
+        super().check()
+        check_permute(self)
 
     def needs_calibration(self) -> bool:
         return True
@@ -45,6 +52,11 @@ class WandaMethod(LayerwiseMethod):
         weight = weight_view(layer)
         norm = self.sq_norm.to(weight.device).sqrt()
         return weight.float().abs() * norm.unsqueeze(0)
+
+    def permute_inputs(self, order: torch.Tensor) -> None:
+        """Follow a reordering of the layer's input channels (new channel i = old ``order[i]``)."""
+        if self.sq_norm is not None:
+            self.sq_norm = self.sq_norm[order.to(self.sq_norm.device)]
 
     def prune(self, layer: nn.Module, sparsity: float, structure: Structure) -> torch.Tensor:
         return select_mask(self.scores(layer), sparsity, structure, self.config.compare)
