@@ -40,7 +40,7 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
     device, dtype, seed, out, overwrite (as resolved by ``prunekit prune``); optional: bos, tasks,
     num_fewshot, limit (lm-eval tasks measured on the dense and the pruned model).
     """
-    from prunekit.data import TextData, calibration_batch, load_data
+    from prunekit.data import TextData, calibration_with_record, load_data
     from prunekit.models import infer_task, load_model
     from prunekit.pruning import prune
     from prunekit.utils import check_output_dir, set_seed
@@ -77,13 +77,8 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
 
         export_layers(model, export, check_zeros=False)  # layer types, int4 groups: before the long work
     loaded = time.perf_counter()
-    calibration = None
-    calib_record: dict[str, Any] | None = None
-    if calib_data is not None:
-        calibration = calibration_batch(tokenizer, calib_data, int(settings["calib_samples"]),
-                                        int(settings["seq_len"]), seed=seed)
-        calib_record = {"data": settings["calib"], "split": "calibration", "samples": int(calibration.shape[0]),
-                        "seq_len": int(calibration.shape[1]), "seed": seed}
+    calibration, calib_record = calibration_with_record(tokenizer, calib_data, settings["calib"],
+                                                        int(settings["calib_samples"]), int(settings["seq_len"]), seed)
     evaluation: dict[str, Any] = {}
     if measure:
         evaluation["dense"] = _evaluate(model, tokenizer, eval_data, settings, path=_source_folder(settings["model"]))

@@ -86,7 +86,7 @@ def prune_onloaded(settings: dict[str, Any], spec: MethodSpec, config: MethodCon
     """
     from transformers import AutoTokenizer
 
-    from prunekit.data import calibration_batch
+    from prunekit.data import calibration_with_record
     from prunekit.export import full_record, write_record
     from prunekit.onload import Onloader, OnloadUnsupported, build_skeleton, return_freed_memory
     from prunekit.pruning import prune
@@ -104,13 +104,8 @@ def prune_onloaded(settings: dict[str, Any], spec: MethodSpec, config: MethodCon
         tokenizer.pad_token = tokenizer.eos_token
     seed = int(settings["seed"])
     loaded = time.perf_counter()
-    calibration = None
-    calib_record: dict[str, Any] | None = None
-    if calib_data is not None:
-        calibration = calibration_batch(tokenizer, calib_data, int(settings["calib_samples"]),
-                                        int(settings["seq_len"]), seed=seed)
-        calib_record = {"data": settings["calib"], "split": "calibration", "samples": int(calibration.shape[0]),
-                        "seq_len": int(calibration.shape[1]), "seed": seed}
+    calibration, calib_record = calibration_with_record(tokenizer, calib_data, settings["calib"],
+                                                        int(settings["calib_samples"]), int(settings["seq_len"]), seed)
     with atomic_dir(settings["out"], overwrite=bool(settings["overwrite"])) as tmp:
         onloader.open_output(tmp)  # every shard at full size: a disk too small fails here
         prepared = time.perf_counter()

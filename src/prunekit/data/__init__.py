@@ -20,6 +20,7 @@ from prunekit.data.core import (
     ExampleText,
     TextData,
     calibration_batch,
+    calibration_with_record,
     eval_tokens,
     tokenize_text,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "ExampleText",
     "TextData",
     "calibration_batch",
+    "calibration_with_record",
     "eval_tokens",
     "list_datasets",
     "load_data",

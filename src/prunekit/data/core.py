@@ -147,6 +147,16 @@ def calibration_batch(tokenizer: Any, data: TextData, n_samples: int, seq_len: i
     return ids[starts[:, None] + offsets[None, :]]
 
 
+def calibration_with_record(tokenizer: Any, data: TextData | None, name: str, n_samples: int, seq_len: int,
+                            seed: int) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+    """:func:`calibration_batch` and the record entry a prune run keeps of it; (None, None) without data."""
+    if data is None:
+        return None, None
+    batch = calibration_batch(tokenizer, data, n_samples, seq_len, seed=seed)
+    return batch, {"data": name, "split": "calibration", "samples": int(batch.shape[0]),
+                   "seq_len": int(batch.shape[1]), "seed": seed}
+
+
 def eval_tokens(tokenizer: Any, data: TextData, split: str = "eval", max_tokens: int | None = None) -> torch.Tensor:
     """1-D LongTensor of the token ids of ``split`` (tokenised as one text), cut to the first ``max_tokens``."""
     ids = tokenize_text(tokenizer, _split_text(data, split))
