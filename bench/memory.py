@@ -20,6 +20,10 @@ the first `--eval-tokens` tokens of the austen eval split (Persuasion), 512-toke
 
     flock /tmp/prunekit-cpu.lock .venv/bin/python bench/memory.py     # about 20 minutes on 2 cores
 
+Evaluation rows: `prunekit eval smollm2-135m --data austen --max-tokens 8192 --seq-len 512 --no-latency --seed 0
+--device cpu --onload {always,never} --json FILE`, peak RSS read the same way; the onloaded perplexity must equal the
+full load's. `--eval-only` runs just these two (a few minutes).
+
 Writes bench/results/memory.json and bench/results/memory.md.
 """
 
@@ -82,6 +86,44 @@ def measure(model: str, onload: str, out: Path) -> dict[str, Any]:
            (record.get("onload") or {}).get("blocks_in_memory_at_most"), "sparsity": record["sparsity"]["total"]}
     log(f"{model} --onload {onload}: peak {row['peak_rss_bytes'] / 1e9:.3f} GB, {wall:.1f} s")
     return row
+
+
+EVAL_COMMAND = ["--data", "austen", "--max-tokens", "8192", "--seq-len", "512", "--no-latency", "--seed", "0",
+                "--device", "cpu"]
+
+
+def measure_eval(model: str, onload: str, out: Path) -> dict[str, Any]:
+    """Run one `prunekit eval` as a child process; its peak RSS (bytes), wall time (s) and perplexity."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = out.with_suffix(".json")
+    argv = [str(PRUNEKIT), "eval", model, *EVAL_COMMAND, "--onload", onload, "--json", str(result)]
+    peak_file = out.with_suffix(".maxrss")
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    with open(out.with_suffix(".log"), "w") as output:
+        code = subprocess.call([TIME, "-f", "%M", "-o", str(peak_file), *argv], stdout=output,
+                               stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({code}): see {out.with_suffix('.log')}")
+    data = json.loads(result.read_text())
+    row = {"model": model, "onload": onload, "peak_rss_bytes": int(peak_file.read_text().split()[-1]) * 1024,
+           "wall_s": wall, "load_average_before": load, "perplexity": data["perplexity"]["perplexity"],
+           "onloaded": "onload" in data,
+           "blocks_in_memory_at_most": (data.get("onload") or {}).get("blocks_in_memory_at_most")}
+    log(f"eval {model} --onload {onload}: peak {row['peak_rss_bytes'] / 1e9:.3f} GB, {wall:.1f} s, "
+        f"perplexity {row['perplexity']:.4f}")
+    return row
+
+
+def eval_rows(work: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The evaluation pair (full load, then onloaded) and its summary."""
+    rows = [measure_eval("smollm2-135m", mode, work / f"eval-{mode}") for mode in ("never", "always")]
+    by_mode = {row["onload"]: row for row in rows}
+    summary = {"peak_rss_bytes": {mode: row["peak_rss_bytes"] for mode, row in by_mode.items()},
+               "perplexity": {mode: row["perplexity"] for mode, row in by_mode.items()},
+               "same": by_mode["always"]["perplexity"] == by_mode["never"]["perplexity"]}
+    return rows, summary
 
 
 def random_model(source: Path, blocks: int, out: Path) -> Path:
@@ -149,6 +191,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "targets": TARGETS, "runs": []}
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="prunekit-memory-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.eval_only:
+        try:
+            results["eval_runs"], results["eval_summary"] = eval_rows(work)
+            results["machine"]["load_average_end"] = os.getloadavg()
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "memory_eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        return results
     try:
         log(f"building the random-weight 60-block model in {work}")
         models = {"random-60": random_model(source, 60, work / "random-60")}
@@ -168,6 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         wall = {mode: min(r["wall_s"] for r in rows) for mode, rows in smol.items()}
         weights = same_weights(work / "smollm2-never", work / "smollm2-always")
         ppl = perplexities({mode: work / f"smollm2-{mode}" for mode in order}, args.eval_tokens)
+        results["eval_runs"], results["eval_summary"] = eval_rows(work)
         growth = depth["random-60"]["peak_rss_bytes"] - peak["always"]
         results["summary"] = {
             "peak_rss_bytes": peak, "wall_s_fastest": wall, "wall_ratio": wall["always"] / wall["never"],
@@ -221,6 +274,16 @@ def markdown(results: dict[str, Any]) -> str:
               f"- Depth: the 60-block random model peaks {s['depth_growth_bytes'] / 1e9:+.3f} GB against "
               f"smollm2-135m's 30 blocks (both onloaded), target < +{TARGETS['depth_gb']} GB: "
               f"{_mark(s['met']['depth'])}."]
+    if results.get("eval_runs"):
+        e = results["eval_summary"]
+        lines += ["", "## Evaluation (perplexity)", "",
+                  f"Command: `prunekit eval smollm2-135m {' '.join(EVAL_COMMAND)} --onload MODE --json FILE`.", "",
+                  "| --onload | peak RSS | wall | perplexity | blocks in memory at most |", "|---|---|---|---|---|"]
+        for row in results["eval_runs"]:
+            blocks = row["blocks_in_memory_at_most"] if row["blocks_in_memory_at_most"] is not None else "all"
+            lines.append(f"| {row['onload']} | {row['peak_rss_bytes'] / 1e9:.3f} GB | {row['wall_s']:.1f} s | "
+                         f"{row['perplexity']:.4f} | {blocks} |")
+        lines += ["", f"Same perplexity onloaded and not: {e['same']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -229,10 +292,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="smollm2 runs of each mode, alternating (default 2)")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--keep", default=None, help="keep the models and outputs in this folder")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="only the two `prunekit eval` runs (writes bench/results/memory_eval.json)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     run(args)
-    log("done: bench/results/memory.md")
+    log("done: bench/results/memory_eval.json" if args.eval_only else "done: bench/results/memory.md")
 
 
 if __name__ == "__main__":

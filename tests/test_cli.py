@@ -10,33 +10,12 @@ import pytest
 import yaml
 
 import prunekit
+from cli_helpers import one_line_error, run
 from prunekit.cli.main import build_parser, main
 from prunekit.errors import PrunekitError
 
 TEXT = " ".join(["The quick brown fox jumps over the lazy dog. This movie was wonderful and the acting was great!"]
                 * 40)
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run the CLI in-process: (exit code, stdout, stderr); argparse's own exits count as exit codes."""
-    capsys.readouterr()  # drop what fixtures printed (e.g. save_pretrained's progress bar)
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    """Exit code 2 and exactly one stderr line `prunekit: error: ...` naming the problem, no traceback."""
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("prunekit: error: ")
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def subcommands() -> list[str]:
@@ -156,7 +135,7 @@ def test_unknown_yaml_key(capsys, tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("seq_len: 128\nsequence_length: 64\n")
     code, out, err = run(capsys, "eval", "--config", str(config), "--print-config")
-    assert_one_line_error(code, err, "unknown settings sequence_length", "known are")
+    one_line_error(code, err, "unknown settings sequence_length", "known are")
     assert out == ""
 
 
@@ -173,43 +152,43 @@ def test_bad_config_files(capsys, tmp_path, content, fragment):
     if content is not None:
         config.write_text(content)
     code, _, err = run(capsys, "eval", "--config", str(config), "--print-config")
-    assert_one_line_error(code, err, fragment)
+    one_line_error(code, err, fragment)
 
 
 # ---- bad input: exit 2, one line, no traceback ----------------------------------------------------------------------
 
 def test_eval_without_model_or_data(capsys):
-    assert_one_line_error(*run(capsys, "eval", "--data", "austen")[::2], "no model given")
-    assert_one_line_error(*run(capsys, "eval", "smollm2-135m")[::2], "nothing to evaluate", "--data", "--tasks")
+    one_line_error(*run(capsys, "eval", "--data", "austen")[::2], "no model given")
+    one_line_error(*run(capsys, "eval", "smollm2-135m")[::2], "nothing to evaluate", "--data", "--tasks")
 
 
 def test_unknown_model(capsys, data_ready, text_file):
     code, _, err = run(capsys, "eval", "no-such-model", "--data", f"text:{text_file}")
-    assert_one_line_error(code, err, "unknown model 'no-such-model'", "smollm2-135m", "minilm-l6")
+    one_line_error(code, err, "unknown model 'no-such-model'", "smollm2-135m", "minilm-l6")
 
 
 def test_path_that_is_not_a_model(capsys, data_ready, text_file, tmp_path):
     folder = tmp_path / "not-a-model"
     folder.mkdir()
     code, _, err = run(capsys, "eval", str(folder), "--data", f"text:{text_file}")
-    assert_one_line_error(code, err, "is not a model folder (no config.json)")
+    one_line_error(code, err, "is not a model folder (no config.json)")
 
 
 def test_hub_id_while_offline(capsys, data_ready, text_file):
     code, _, err = run(capsys, "eval", "nobody/no-such-model", "--data", f"text:{text_file}")
-    assert_one_line_error(code, err, "cannot reach the Hugging Face hub")
+    one_line_error(code, err, "cannot reach the Hugging Face hub")
 
 
 def test_unknown_dataset(capsys, data_ready, tiny_llama_dir):
     code, _, err = run(capsys, "eval", str(tiny_llama_dir), "--data", "no-such-dataset")
-    assert_one_line_error(code, err, "unknown dataset 'no-such-dataset'")
+    one_line_error(code, err, "unknown dataset 'no-such-dataset'")
 
 
 def test_unknown_device_and_dtype(capsys, data_ready, tiny_llama_dir, text_file):
     data = f"text:{text_file}"
-    assert_one_line_error(*run(capsys, "eval", str(tiny_llama_dir), "--data", data, "--dtype", "float8")[::2],
+    one_line_error(*run(capsys, "eval", str(tiny_llama_dir), "--data", data, "--dtype", "float8")[::2],
                           "unknown dtype 'float8'")
-    assert_one_line_error(*run(capsys, "eval", str(tiny_llama_dir), "--data", data, "--device", "tpu")[::2],
+    one_line_error(*run(capsys, "eval", str(tiny_llama_dir), "--data", data, "--device", "tpu")[::2],
                           "unknown device 'tpu'")
 
 
@@ -221,7 +200,7 @@ def test_a_multi_line_error_is_printed_on_one_line(capsys, monkeypatch):
 
     monkeypatch.setattr(eval_cli, "evaluate_model", fail)
     code, _, err = run(capsys, "eval", "m", "--data", "d")
-    assert_one_line_error(code, err, "prunekit: error: first part second part")
+    one_line_error(code, err, "prunekit: error: first part second part")
 
 
 def test_debug_shows_the_traceback(capsys, data_ready, text_file):

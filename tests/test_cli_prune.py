@@ -9,26 +9,10 @@ import pytest
 import torch
 import yaml
 
-from prunekit.cli.main import main
+from cli_helpers import one_line_error, run
 
 TEXT = " ".join(["It is a truth universally acknowledged, that a single man in possession of a good fortune, "
                  "must be in want of a wife. The quick brown fox jumps over the lazy dog."] * 60)
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code: int, err: str, fragment: str) -> None:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("prunekit: error: ") and fragment in lines[0], err
 
 
 @pytest.fixture

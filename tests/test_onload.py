@@ -11,21 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_helpers import one_line_error, run
 from conftest import build_tiny_model, build_tiny_tokenizer
-from prunekit.cli.main import main
 
 TEXT = " ".join(["It is a truth universally acknowledged, that a single man in possession of a good fortune, "
                  "must be in want of a wife. The quick brown fox jumps over the lazy dog."] * 60)
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -171,9 +161,8 @@ def test_auto_onloads_only_when_the_model_would_not_fit(capsys, tmp_path: Path, 
 
 @pytest.mark.parametrize("method,reason", [
     (("--method", "magnitude", "--sparsity", "0.5", "--compare", "global"), "compare=global"),
-    (("--method", "heads-neurons", "--ratio", "0.5"), "heads-neurons (structured"),
-    (("--method", "wanda", "--sparsity", "0.5", "--eval", "CALIB", "--eval-tokens", "64", "--no-latency"), "--eval"),
-])
+    (("--method", "heads-neurons", "--ratio", "0.5", "--importance", "taylor"), "heads-neurons with importance taylor"),
+])  # --eval on text is onloaded too, --tasks is not: tests/test_onload_eval.py
 def test_a_run_that_cannot_be_onloaded_says_so_and_loads_the_whole_model(capsys, tmp_path: Path, text_data: str,
                                                                           method: tuple[str, ...],
                                                                           reason: str) -> None:
@@ -186,12 +175,6 @@ def test_a_run_that_cannot_be_onloaded_says_so_and_loads_the_whole_model(capsys,
     assert len(notes) == 1 and "sequential onloading (--onload always) is not used" in notes[0], err
     assert reason in notes[0] and notes[0].endswith("loading the whole model")
     assert "onload" not in json.loads((out / "prunekit.json").read_text())
-
-
-def one_line_error(code: int, err: str, fragment: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("prunekit:")]  # no bars
-    assert len(lines) == 1 and lines[0].startswith("prunekit: error: ") and fragment in lines[0], err
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
@@ -212,7 +195,7 @@ def test_a_missing_or_truncated_shard_is_one_line(capsys, tmp_path: Path, text_d
     out = tmp_path / "out"
     code, _, err = run(capsys, *prune_args(folder, out, text_data, "--method", "wanda", "--sparsity", "0.5"),
                        "--onload", "always")
-    one_line_error(code, err, shards[1].name)
+    one_line_error(code, err, shards[1].name, bars=True)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert {p.name: p.stat().st_size for p in folder.iterdir()} == before  # the source untouched
 
@@ -247,5 +230,5 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(capsys, tmp_path: Path, text
     out = tmp_path / "out"
     code, _, err = run(capsys, *prune_args(folder, out, text_data, "--method", "sparsegpt", "--sparsity", "0.5"),
                        "--onload", mode)
-    one_line_error(code, err, "not enough disk space")
+    one_line_error(code, err, "not enough disk space", bars=True)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

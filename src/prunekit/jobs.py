@@ -62,11 +62,28 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
         lm_eval_version()  # a missing lm-eval fails before the long work
     from prunekit.onload_job import onload_plan, prune_onloaded
 
-    plan = onload_plan(settings, spec, config, measure=measure, export=export)
+    # perplexity (--eval on text) is measured onloaded too; lm-eval tasks and accuracy need the whole model
+    whole = bool(settings.get("tasks")) or (eval_data is not None and not isinstance(eval_data, TextData))
+    plan = onload_plan(settings, spec, config, measure=whole, export=export)
+    evaluation: dict[str, Any] = {}
+    if plan is not None and eval_data is not None:  # the dense model first: bad eval settings fail before pruning
+        dense = _evaluate_onloaded(plan.folder, plan.task, eval_data, settings, path=str(plan.folder))
+        if dense is None:  # its parameters do not match the files' tensors (noted): the whole model is loaded
+            plan = None
+        else:
+            evaluation["dense"] = dense
     done = prune_onloaded(settings, spec, config, plan, calib_data, started) if plan is not None else None
     if done is not None:  # sequential onloading: pruned block by block from the files into the output
         record_data, onloaded, out, timing = done
-        return PruneJob(record_data, onloaded, out, {}, {**timing, "total_s": time.perf_counter() - started})
+        if evaluation:
+            assert plan is not None
+            evaluation["pruned"] = _evaluate_pruned_folder(out, plan.task, eval_data, settings)
+            if settings["latency"]:
+                evaluation["latency"] = _onloaded_latency(settings, spec)
+            from prunekit.export import update_record
+
+            record_data = update_record(out, evaluation=evaluation)
+        return PruneJob(record_data, onloaded, out, evaluation, {**timing, "total_s": time.perf_counter() - started})
     model, tokenizer = load_model(settings["model"], task=settings["task"], device="cpu", dtype=settings["dtype"])
     if isinstance(eval_data, TextData):
         from prunekit.evaluate.perplexity import check_decoder_only
@@ -79,8 +96,7 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
     loaded = time.perf_counter()
     calibration, calib_record = calibration_with_record(tokenizer, calib_data, settings["calib"],
                                                         int(settings["calib_samples"]), int(settings["seq_len"]), seed)
-    evaluation: dict[str, Any] = {}
-    if measure:
+    if measure and "dense" not in evaluation:
         evaluation["dense"] = _evaluate(model, tokenizer, eval_data, settings, path=_source_folder(settings["model"]))
         model.to("cpu")  # the engine moves one block at a time to the device
     prepared = time.perf_counter()
@@ -130,19 +146,70 @@ def _evaluate(model: Any, tokenizer: Any, data: Any, settings: dict[str, Any], p
 
     A local text file is scored whole, unless it is also the calibration set: then its held-out eval split.
     """
-    from prunekit.data.core import WHOLE_SPLIT
     from prunekit.evaluate import evaluate
 
     seq_len = int(settings["eval_seq_len"] or settings["seq_len"])
-    split = "eval"
-    if data is not None and WHOLE_SPLIT in data.splits and settings["eval"] != settings.get("calib"):
-        split = WHOLE_SPLIT
     limit = settings.get("limit")
     return evaluate(model, tokenizer, data, seq_len=seq_len, max_tokens=settings["eval_tokens"], path=path,
-                    device=settings["device"], measure_latency=False, progress=True, split=split,
+                    device=settings["device"], measure_latency=False, progress=True, split=_eval_split(data, settings),
                     bos=bool(settings.get("bos", True)), tasks=settings.get("tasks"),
                     num_fewshot=settings.get("num_fewshot"), seed=int(settings["seed"]),
                     limit=int(limit) if limit is not None and float(limit) >= 1 else limit)
+
+
+def _eval_split(data: Any, settings: dict[str, Any]) -> str:
+    """A local text file is scored whole, unless it is also the calibration set: then its held-out eval split."""
+    from prunekit.data.core import WHOLE_SPLIT
+
+    if data is not None and WHOLE_SPLIT in data.splits and settings["eval"] != settings.get("calib"):
+        return WHOLE_SPLIT
+    return "eval"
+
+
+def _evaluate_onloaded(folder: Path, task: str, data: Any, settings: dict[str, Any], path: str | None = None
+                       ) -> dict[str, Any] | None:
+    """What :func:`_evaluate` measures, with the blocks read from ``folder``'s files one at a time.
+
+    None when the model's parameters do not match the files' tensors (a note says so).
+    """
+    from prunekit.onload import return_freed_memory
+    from prunekit.onload_eval import evaluate_onloaded, load_tokenizer
+
+    return_freed_memory()  # activations freed go back to the OS (see its docstring)
+    return evaluate_onloaded(folder, task, load_tokenizer(folder), data, split=_eval_split(data, settings),
+                             seq_len=int(settings["eval_seq_len"] or settings["seq_len"]),
+                             max_tokens=settings["eval_tokens"], device=settings["device"], dtype=settings["dtype"],
+                             progress=True, bos=bool(settings.get("bos", True)), path=path,
+                             mode=str(settings.get("onload") or "auto"))
+
+
+def _evaluate_pruned_folder(out: Path, task: str, data: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """The onloaded prune's output measured like the dense model: onloaded, or loaded whole where it cannot be."""
+    from prunekit.onload_eval import folder_refusal
+    from prunekit.onload_job import note
+
+    reason = folder_refusal(out)
+    if reason is None:
+        result = _evaluate_onloaded(out, task, data, settings)
+        if result is not None:
+            return result
+    else:
+        note(f"the pruned model is not evaluated with sequential onloading: {reason}; loading it whole")
+    from prunekit.models import load_model
+
+    model, tokenizer = load_model(str(out), task=task, device="cpu", dtype=settings["dtype"], progress=False)
+    return _evaluate(model, tokenizer, data, settings)
+
+
+def _onloaded_latency(settings: dict[str, Any], spec: MethodSpec) -> dict[str, Any]:
+    """Latency of an onloaded prune: zeros change no speed; a structured model is not timed (no model in memory)."""
+    if spec.kind != "structured":
+        return _compare_latency(settings, spec, None, None)  # not measured: the same speed as dense
+    from prunekit.onload_job import note
+
+    note("latency is not timed with sequential onloading (no whole model is in memory): prune with --onload never "
+         "to time dense against pruned, or pass --no-latency")
+    return {"measured": False, "reason": "sequential onloading: no whole model in memory to time"}
 
 
 def _compare_latency(settings: dict[str, Any], spec: MethodSpec, pruned: Any, tokenizer: Any) -> dict[str, Any]:

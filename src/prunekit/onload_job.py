@@ -60,8 +60,8 @@ def onload_plan(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig
 
         if read_record(folder).get("loader"):
             reason = "the folder needs prunekit's own loader (its shapes differ from its config)"
-    if reason is None and measure:
-        reason = "--eval and --tasks measure the whole model"
+    if reason is None and measure:  # --eval on text is measured onloaded too (prunekit.onload_eval)
+        reason = "--tasks (lm-eval) and --eval on labelled data measure the whole model"
     if reason is None and export is not None:
         reason = "--export-format writes compressed formats from the whole model"
     if reason is None:
@@ -107,24 +107,36 @@ def prune_onloaded(settings: dict[str, Any], spec: MethodSpec, config: MethodCon
     calibration, calib_record = calibration_with_record(tokenizer, calib_data, settings["calib"],
                                                         int(settings["calib_samples"]), int(settings["seq_len"]), seed)
     with atomic_dir(settings["out"], overwrite=bool(settings["overwrite"])) as tmp:
-        onloader.open_output(tmp)  # every shard at full size: a disk too small fails here
-        prepared = time.perf_counter()
-        try:
-            result = prune(model, config, calibration, device=settings["device"], progress=True, placement=onloader)
-            pruned_at = time.perf_counter()
-            onloader.finish()
-        except BaseException:
-            onloader.abort()
-            raise
-        timing = {**result.timing, "load_s": loaded - started, "prune_wall_s": pruned_at - prepared,
-                  "write_s": time.perf_counter() - pruned_at}
+        saved = model
+        if spec.kind == "structured":  # shapes change: scores, then surgery, each reading the files block by block
+            from prunekit.onload_structured import prune_structured
+
+            prepared = time.perf_counter()
+            result, saved = prune_structured(model, onloader, spec, config, calibration, tmp,
+                                             device=settings["device"], progress=True)
+            timing = {**result.timing, "load_s": loaded - started, "prune_wall_s": time.perf_counter() - prepared}
+            weights = "read block by block from the source files, twice (scores, then surgery)"
+        else:
+            onloader.open_output(tmp)  # every shard at full size: a disk too small fails here
+            prepared = time.perf_counter()
+            try:
+                result = prune(model, config, calibration, device=settings["device"], progress=True,
+                               placement=onloader)
+                pruned_at = time.perf_counter()
+                onloader.finish()
+            except BaseException:
+                onloader.abort()
+                raise
+            timing = {**result.timing, "load_s": loaded - started, "prune_wall_s": pruned_at - prepared,
+                      "write_s": time.perf_counter() - pruned_at}
+            weights = "read block by block from the source files"
         record = RunRecord.from_prune(result, task=plan.task, source_model=settings["model"],
                                       calibration=calib_record, seed=seed)
         record.timing = timing
         record.extra["onload"] = {"mode": settings.get("onload") or "auto", "blocks_in_memory_at_most":
-                                  onloader.peak_blocks, "weights": "read block by block from the source files"}
-        data = full_record(model, record)
-        _save_config(model, tmp)
+                                  onloader.peak_blocks, "weights": weights}
+        data = full_record(saved, record)
+        _save_config(saved, tmp)
         tokenizer.save_pretrained(tmp)
         write_record(tmp, data)
     if not Path(settings["out"]).is_dir():  # pragma: no cover - atomic_dir renames or raises

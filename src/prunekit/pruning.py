@@ -39,6 +39,7 @@ from prunekit.methods.base import LayerwiseMethod, SparsityConfig
 from prunekit.methods.registry import MethodConfig, MethodSpec
 
 ONE_SHOT_KINDS = ("one-shot", "structured")
+ONLOADED_STRUCTURED = ("heads-neurons", "blocks")  # structured methods that sequential onloading runs
 
 
 def resolve_config(config: MethodConfig | dict[str, Any]) -> tuple[MethodSpec, MethodConfig]:
@@ -154,6 +155,7 @@ class _PruneVisitor(BlockVisitor):
         self.refinements: dict[str, dict[str, Any]] = {}
         self.reconstructions: list[dict[str, Any]] = []
         self.wants_dense_outputs = config.reconstruct_steps > 0
+        self.sequential = bool(getattr(config, "sequential", False))
         self.stream_of: dict[str, int] = {}
         self.threads = torch.get_num_threads()
 
@@ -269,13 +271,16 @@ def prune(model: nn.Module, config: MethodConfig | dict[str, Any], calibration: 
     ``device`` is where each block and the activations are computed (default: the model's device);
     the rest of the model stays where it is. ``placement`` brings each block's weights in and takes
     them away (sequential onloading, :mod:`prunekit.onload`: layer-wise methods only, see
-    :func:`onload_refusal`).
+    :func:`onload_refusal`; structured methods are onloaded by :mod:`prunekit.onload_structured`).
     """
     spec, config = resolve_config(config)
     if placement is not None:
         reason = onload_refusal(spec, config)
         if reason:
             raise PrunekitError(f"sequential onloading cannot run {reason}: load the whole model")
+        if spec.kind == "structured":
+            raise PrunekitError(f"{spec.name} changes shapes, so it writes its output itself when onloaded: use "
+                                "prunekit.onload_structured.prune_structured")
     if config.needs_calibration():
         calibration = check_calibration(model, calibration, spec.name)
     run_device = _resolve_run_device(model, device)
@@ -345,7 +350,14 @@ def prune(model: nn.Module, config: MethodConfig | dict[str, Any], calibration: 
 
 
 def onload_refusal(spec: MethodSpec, config: MethodConfig) -> str | None:
-    """Why ``config`` cannot be pruned one block at a time with the rest of the model absent (None: it can)."""
+    """Why ``config`` cannot be pruned one block at a time with the rest of the model absent (None: it can).
+
+    Structured methods (heads-neurons and blocks) are onloaded in two passes by :mod:`prunekit.onload_structured`.
+    """
+    if spec.kind == "structured" and spec.name in ONLOADED_STRUCTURED:
+        if getattr(config, "importance", None) == "taylor":
+            return f"{spec.name} with importance taylor (its gradients need the whole model at once)"
+        return None
     if spec.kind != "one-shot" or not isinstance(config, SparsityConfig):
         return f"{spec.name} ({spec.kind}: it changes shapes across blocks)"
     if getattr(config, "include_lm_head", False):

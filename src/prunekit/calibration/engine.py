@@ -52,6 +52,9 @@ class BlockVisitor:
     modifies: bool = True
     # the stats pass runs the whole dense block and its outputs go to refit() after finish()
     wants_dense_outputs: bool = False
+    # finish() is called once per group of layers in the order they run (layers reading one input stream form a
+    # group), each group's statistics collected with the earlier groups already changed
+    sequential: bool = False
 
     def layers(self, index: int, block: nn.Module) -> dict[str, nn.Module]:
         """Layers of this block to observe, by full module name (empty: no stats pass)."""
@@ -256,6 +259,25 @@ def run_blockwise(model: nn.Module, calibration: torch.Tensor, visitor: BlockVis
     return report
 
 
+def _sequential_groups(stats: _StatsPass) -> list[list[str]]:
+    """The block's layers in the order they ran, consecutive layers reading one input stream as one group.
+
+    A Llama block gives [q, k, v], [o], [gate, up], [down]; a layer called twice in one forward, or a
+    stream read again later, joins the group of the stream's first reader.
+    """
+    groups: list[list[str]] = []
+    group_of: dict[str, int] = {}
+    for name in stats.order:
+        leader = stats.leader[name]
+        if leader in group_of:
+            groups[group_of[leader]].append(name)
+        else:
+            group_of[leader] = len(groups)
+            groups.append([name])
+        group_of[name] = group_of[leader]
+    return groups
+
+
 def _visit_block(index: int, position: int, block: nn.Module, inputs: list[BlockInputs], visitor: BlockVisitor,
                  report: EngineReport, last: bool = False) -> None:
     """Stats pass, change, replay (or reuse) for one block; the inputs are replaced by its outputs.
@@ -273,8 +295,22 @@ def _visit_block(index: int, position: int, block: nn.Module, inputs: list[Block
                                 keep_outputs=not visitor.modifies or visitor.wants_dense_outputs)
         report.stats_s += time.perf_counter() - start
         start = time.perf_counter()
+        groups = _sequential_groups(stats) if visitor.sequential and visitor.modifies else [list(stats.observers)]
         with torch.inference_mode(), single_thread(module_device(block)):
-            visitor.finish(index, block, layers, stats.observers)
+            visitor.finish(index, block, {name: layers[name] for name in groups[0]},
+                           {name: stats.observers[name] for name in groups[0]})
+        for group in groups[1:]:  # sequential: this group's statistics with the earlier groups changed
+            report.change_s += time.perf_counter() - start
+            start = time.perf_counter()
+            again = _StatsPass({name: layers[name] for name in group}, visitor)
+            if all(stats.calls[name] == 1 for name in group):
+                again.stop_after = group[-1]  # nothing after the group's last layer is needed
+            with torch.inference_mode():
+                again.run(block, position, inputs, keep_outputs=False)
+            report.stats_s += time.perf_counter() - start
+            start = time.perf_counter()
+            with torch.inference_mode(), single_thread(module_device(block)):
+                visitor.finish(index, block, {name: layers[name] for name in group}, again.observers)
         if visitor.wants_dense_outputs and visitor.modifies:
             visitor.refit(index, position, block, inputs, outputs)
             outputs = []  # the block changed: its outputs come from the replay

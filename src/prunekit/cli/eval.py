@@ -13,7 +13,7 @@ from prunekit.cli.common import add_common, maybe_print_config, resolve
 DEFAULTS: dict[str, Any] = {
     "model": None, "data": None, "split": None, "seq_len": 512, "stride": None, "max_tokens": 32768,
     "batch_size": None, "latency": True, "latency_seq_len": 128, "gen_tokens": 32, "json": None, "task": None,
-    "bos": True, "tasks": None, "num_fewshot": None, "limit": None,
+    "bos": True, "tasks": None, "num_fewshot": None, "limit": None, "onload": "auto",
 }
 
 
@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default=None, help="split to evaluate (default: all of a local text file, eval for "
                         "built-in text, test for labels)")
     parser.add_argument("--task", default=None, help="causal-lm, classification or base (default: from the model)")
+    parser.add_argument("--onload", default=None, choices=("auto", "always", "never"),
+                        help="sequential onloading: perplexity block by block, each block read from the files only "
+                             "while every window runs through it (peak memory about two blocks plus activations; "
+                             "same result); auto (default) does so when the model would not fit comfortably in "
+                             "memory. --tasks and labelled data load the whole model; latency is not timed")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per window, its BOS token included (default 512)")
     parser.add_argument("--stride", type=int, default=None,
@@ -92,24 +97,48 @@ def evaluate_model(settings: dict[str, Any]) -> dict[str, Any]:
     if tasks:
         lm_eval_version()  # a missing lm-eval fails before the model loads
     data = load_data(settings["data"]) if settings["data"] else None  # a bad dataset name fails before the model
-    task = settings["task"] or ("classification" if isinstance(data, ClassificationData) else None)
-    model, tokenizer = load_model(settings["model"], task=task, device=settings["device"], dtype=settings["dtype"],
-                                  num_labels=len(getattr(data, "label_names", [])) or 2)
-    split = settings["split"] or default_split(data)
-    limit, batch = settings["limit"], settings["batch_size"]
-    results = evaluate(
-        model, tokenizer, data, seq_len=int(settings["seq_len"]), stride=settings["stride"],
-        max_tokens=settings["max_tokens"], split=split, latency_seq_len=int(settings["latency_seq_len"]),
-        gen_tokens=int(settings["gen_tokens"]), path=_folder_or_none(settings["model"]),
-        device=settings["device"], measure_latency=bool(settings["latency"]), batch_size=int(batch or 1),
-        task_batch_size=int(batch or 8), progress=sys.stderr.isatty(), bos=bool(settings["bos"]), tasks=tasks,
-        num_fewshot=settings["num_fewshot"],
-        limit=int(limit) if limit is not None and float(limit) >= 1 else limit, seed=int(settings["seed"]))
+    results = _evaluate_onloaded(settings, data, tasks)
+    if results is None:
+        task = settings["task"] or ("classification" if isinstance(data, ClassificationData) else None)
+        model, tokenizer = load_model(settings["model"], task=task, device=settings["device"],
+                                      dtype=settings["dtype"], num_labels=len(getattr(data, "label_names", [])) or 2)
+        split = settings["split"] or default_split(data)
+        limit, batch = settings["limit"], settings["batch_size"]
+        results = evaluate(
+            model, tokenizer, data, seq_len=int(settings["seq_len"]), stride=settings["stride"],
+            max_tokens=settings["max_tokens"], split=split, latency_seq_len=int(settings["latency_seq_len"]),
+            gen_tokens=int(settings["gen_tokens"]), path=_folder_or_none(settings["model"]),
+            device=settings["device"], measure_latency=bool(settings["latency"]), batch_size=int(batch or 1),
+            task_batch_size=int(batch or 8), progress=sys.stderr.isatty(), bos=bool(settings["bos"]), tasks=tasks,
+            num_fewshot=settings["num_fewshot"],
+            limit=int(limit) if limit is not None and float(limit) >= 1 else limit, seed=int(settings["seed"]))
     results["model"] = settings["model"]
     results["data"] = settings["data"]
     title = f"{settings['model']} on {settings['data']}" if settings["data"] else settings["model"]
     print(format_table([summary_row(settings["model"], results)], title=title))
     print_protocols(results)
+    return results
+
+
+def _evaluate_onloaded(settings: dict[str, Any], data: Any, tasks: list[str]) -> dict[str, Any] | None:
+    """Perplexity and size with sequential onloading (:mod:`prunekit.onload_eval`), or None for a full load."""
+    from prunekit.onload import return_freed_memory
+    from prunekit.onload_eval import LATENCY_NOTE, eval_plan, evaluate_onloaded, load_tokenizer
+    from prunekit.onload_job import note
+
+    plan = eval_plan(settings, data, tasks)
+    if plan is None:
+        return None
+    tokenizer = load_tokenizer(plan.folder)
+    return_freed_memory()  # activations freed go back to the OS (see its docstring)
+    results = evaluate_onloaded(
+        plan.folder, plan.task, tokenizer, data, split=settings["split"] or default_split(data),
+        seq_len=int(settings["seq_len"]), stride=settings["stride"], max_tokens=settings["max_tokens"],
+        batch_size=int(settings["batch_size"] or 1), device=settings["device"], dtype=settings["dtype"],
+        progress=sys.stderr.isatty(), bos=bool(settings["bos"]), path=_folder_or_none(settings["model"]),
+        mode=str(settings.get("onload") or "auto"))
+    if results is not None and settings["latency"]:
+        note(LATENCY_NOTE)
     return results
 
 

@@ -192,15 +192,27 @@ def describe(seq_len: int, stride: int, n_used: int, n_given: int, n_windows: in
 # perplexity
 
 
-def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, stride: int | None = None,
-               max_tokens: int | None = None, batch_size: int = 1, device: str | torch.device | None = None,
-               progress: bool = True, source: str = "the evaluation text",
-               bos_token_id: int | None = None) -> PerplexityResult:
-    """Perplexity of a causal LM on the 1-D token stream ``tokens`` (see the module docstring for the protocol).
+@dataclass
+class WindowPlan:
+    """The windows one perplexity run scores, checked against settings and model (:func:`plan_perplexity`)."""
 
-    ``seq_len`` is the number of model positions per window (the BOS token included when
-    ``bos_token_id`` is given); ``device`` None runs where the model is; ``source`` names the text in the
-    protocol sentence.
+    tokens: torch.Tensor  # the stream, cut to ``max_tokens``
+    n_given: int  # tokens of the stream before the cut
+    seq_len: int  # model positions per window, the BOS token included
+    span: int  # stream tokens per window
+    stride: int
+    batch_size: int
+    windows: list[tuple[int, int]]  # (start, first scored position), from plan_windows
+    bos_token_id: int | None
+
+
+def plan_perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, stride: int | None = None,
+                    max_tokens: int | None = None, batch_size: int = 1,
+                    bos_token_id: int | None = None) -> WindowPlan:
+    """Check the settings (one-line errors) and plan the windows of :func:`perplexity`; no forward pass.
+
+    ``model`` is only read for its config (an encoder-decoder is refused, ``seq_len`` checked against its
+    position limit), so a model whose weights are not in memory will do.
     """
     check_decoder_only(model)
     tokens = torch.as_tensor(tokens).reshape(-1).long()
@@ -225,38 +237,44 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, stride: int
     if n < span:
         raise PrunekitError(f"only {n} tokens of evaluation text, fewer than one window of {span}: "
                             "lower --seq-len or give more text")
-
     windows = plan_windows(n, span, stride, score_first=bos)
-    run_device = place_model(model, device)
-    extra = forward_kwargs(model)
-    total_nll = 0.0
-    n_tokens = 0
-    offsets = torch.arange(span)
-    shift = 1 if bos else 0  # input position of a window's first stream token
-    with eval_mode(model), torch.inference_mode():
-        bar = tqdm(total=len(windows), desc="perplexity", unit="window", disable=not progress, leave=False)
-        for i in range(0, len(windows), batch_size):
-            chunk = windows[i:i + batch_size]
-            starts = torch.tensor([s for s, _ in chunk])
-            ids = tokens[starts[:, None] + offsets[None, :]]
-            if bos_token_id is not None:
-                ids = torch.cat([torch.full((len(chunk), 1), bos_token_id), ids], dim=1)
-            labels = ids.clone()
-            for row, (start, first) in enumerate(chunk):
-                labels[row, : first - start + shift] = IGNORE
-            logits = output_logits(model(input_ids=ids.to(run_device), **extra))
-            if logits.dim() != 3:
-                raise PrunekitError("the model has no language-modelling head (its logits are not per token): "
-                                    "perplexity needs a causal LM; evaluate a classifier on a labelled set")
-            shifted = logits[:, :-1, :].float()
-            targets = labels[:, 1:].to(shifted.device)
-            losses = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
-                                     ignore_index=IGNORE, reduction="none")
-            total_nll += float(losses.double().sum().item())
-            n_tokens += int((targets != IGNORE).sum().item())
-            bar.update(len(chunk))
-        bar.close()
+    return WindowPlan(tokens=tokens, n_given=n_given, seq_len=seq_len, span=span, stride=stride,
+                      batch_size=batch_size, windows=windows, bos_token_id=bos_token_id)
 
+
+def window_batches(plan: WindowPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input ids, labels) of every forward pass: ``plan.batch_size`` consecutive windows (the last: what is left).
+
+    Labels are the ids with every position that is not scored set to ``IGNORE``.
+    """
+    offsets = torch.arange(plan.span)
+    shift = 1 if plan.bos_token_id is not None else 0  # input position of a window's first stream token
+    for i in range(0, len(plan.windows), plan.batch_size):
+        chunk = plan.windows[i:i + plan.batch_size]
+        starts = torch.tensor([s for s, _ in chunk])
+        ids = plan.tokens[starts[:, None] + offsets[None, :]]
+        if plan.bos_token_id is not None:
+            ids = torch.cat([torch.full((len(chunk), 1), plan.bos_token_id), ids], dim=1)
+        labels = ids.clone()
+        for row, (start, first) in enumerate(chunk):
+            labels[row, : first - start + shift] = IGNORE
+        yield ids, labels
+
+
+def window_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens scored) of one forward pass's logits against its labels."""
+    if logits.dim() != 3:
+        raise PrunekitError("the model has no language-modelling head (its logits are not per token): "
+                            "perplexity needs a causal LM; evaluate a classifier on a labelled set")
+    shifted = logits[:, :-1, :].float()
+    targets = labels[:, 1:].to(shifted.device)
+    losses = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
+                             ignore_index=IGNORE, reduction="none")
+    return float(losses.double().sum().item()), int((targets != IGNORE).sum().item())
+
+
+def perplexity_result(plan: WindowPlan, total_nll: float, n_tokens: int, source: str) -> PerplexityResult:
+    """The result of a run over ``plan``'s windows from its summed NLL and token count, with its protocol sentence."""
     mean_nll = total_nll / n_tokens
     if not math.isfinite(mean_nll):
         raise PrunekitError("the model produced non-finite logits, so perplexity is undefined: "
@@ -265,6 +283,37 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, stride: int
         ppl = math.exp(mean_nll)
     except OverflowError:
         ppl = math.inf
-    protocol = describe(seq_len, stride, n, n_given, len(windows), n_tokens, source, bos_token_id)
-    return PerplexityResult(perplexity=ppl, nll=mean_nll, n_tokens=n_tokens, seq_len=seq_len, stride=stride,
-                            n_windows=len(windows), protocol=protocol, bos_token_id=bos_token_id)
+    n = int(plan.tokens.numel())
+    protocol = describe(plan.seq_len, plan.stride, n, plan.n_given, len(plan.windows), n_tokens, source,
+                        plan.bos_token_id)
+    return PerplexityResult(perplexity=ppl, nll=mean_nll, n_tokens=n_tokens, seq_len=plan.seq_len,
+                            stride=plan.stride, n_windows=len(plan.windows), protocol=protocol,
+                            bos_token_id=plan.bos_token_id)
+
+
+def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int, stride: int | None = None,
+               max_tokens: int | None = None, batch_size: int = 1, device: str | torch.device | None = None,
+               progress: bool = True, source: str = "the evaluation text",
+               bos_token_id: int | None = None) -> PerplexityResult:
+    """Perplexity of a causal LM on the 1-D token stream ``tokens`` (see the module docstring for the protocol).
+
+    ``seq_len`` is the number of model positions per window (the BOS token included when
+    ``bos_token_id`` is given); ``device`` None runs where the model is; ``source`` names the text in the
+    protocol sentence. (:mod:`prunekit.onload_eval` scores the same windows with the model's blocks read
+    from the files one at a time.)
+    """
+    plan = plan_perplexity(model, tokens, seq_len, stride, max_tokens, batch_size, bos_token_id)
+    run_device = place_model(model, device)
+    extra = forward_kwargs(model)
+    total_nll = 0.0
+    n_tokens = 0
+    with eval_mode(model), torch.inference_mode():
+        bar = tqdm(total=len(plan.windows), desc="perplexity", unit="window", disable=not progress, leave=False)
+        for ids, labels in window_batches(plan):
+            logits = output_logits(model(input_ids=ids.to(run_device), **extra))
+            nll, count = window_nll(logits, labels)
+            total_nll += nll
+            n_tokens += count
+            bar.update(len(ids))
+        bar.close()
+    return perplexity_result(plan, total_nll, n_tokens, source)

@@ -58,6 +58,10 @@ class SparsityConfig(EngineConfig):
     reconstruct_steps: int = setting(0, "after each block is pruned: Adam steps fitting its kept weights (masks "
                                         "fixed) to the dense block's outputs on the calibration inputs; 0: none")
     reconstruct_lr: float = setting(1e-4, "reconstruction: Adam learning rate")
+    sequential: bool = setting(False, "within each block, prune its layers group by group in the order they run "
+                                      "(q/k/v, then o, then gate/up, then down), each group's statistics collected "
+                                      "after the earlier groups were pruned (SparseGPT's true-sequential); costs "
+                                      "about two more passes of each block")
 
     def check(self) -> None:
         super().check()
@@ -69,6 +73,9 @@ class SparsityConfig(EngineConfig):
             raise PrunekitError("owl allocation varies the sparsity per block, which N:M fixes: use unstructured")
         if not (self.owl_m > 0 and self.owl_lambda >= 0):
             raise PrunekitError("owl_m must be positive and owl_lambda non-negative (defaults 5 and 0.08)")
+        if self.sequential and getattr(self, "compare", "row") == "global":
+            raise PrunekitError(f"{self.method}: sequential prunes a block's layers group by group, but compare=global "
+                                "chooses every layer's mask at once: use compare row or layer")
         if structure.is_nm and self.sparsity is not None and abs(self.sparsity - (structure.sparsity or 0.0)) > 1e-9:
             raise PrunekitError(f"sparsity {self.sparsity:g} contradicts structure {structure} (which prunes "
                                 f"{structure.sparsity:g}): drop --sparsity or use unstructured")
@@ -111,7 +118,7 @@ class SparsityConfig(EngineConfig):
         self.target_sparsity()
 
     def needs_calibration(self) -> bool:
-        return self.allocation == "owl" or self.refines()
+        return self.allocation == "owl" or self.refines() or self.sequential
 
 
 @dataclass(frozen=True)

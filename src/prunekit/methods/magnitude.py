@@ -25,6 +25,9 @@ class MagnitudeConfig(CompareConfig):
         super().check()
         if self.include_lm_head and self.allocation == "owl":
             raise PrunekitError("include_lm_head works with uniform allocation only: drop --allocation owl")
+        if self.sequential and not self.refines():
+            raise PrunekitError("magnitude reads no activations, so sequential changes nothing: drop it (it matters "
+                                "with refine or reconstruct_steps)")
 
 
 @register("magnitude", kind="one-shot", config=MagnitudeConfig,

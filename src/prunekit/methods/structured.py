@@ -385,18 +385,8 @@ def prune_heads_neurons(model: nn.Module, config: HeadsNeuronsConfig, calibratio
                         device: torch.device, progress: bool = True) -> dict[str, Any]:
     """The ``heads-neurons`` method: score, allocate, remove; returns facts for the prunekit record."""
     adapter = surgery.structured_adapter(model)
-    heads_ratio, neurons_ratio = config.ratios()
+    heads_ratio, neurons_ratio, compensate, needs_stats = heads_neurons_setup(config, calibration)
     importance, allocation, gqa = config.importance, config.allocation, config.gqa
-    _check_ratio(heads_ratio, "heads")
-    _check_ratio(neurons_ratio, "neurons")
-    if importance != "magnitude" and calibration is None:
-        raise PrunekitError(f"importance '{importance}' needs calibration data: pass --calib, "
-                            "or use --importance magnitude")
-    compensate = config.compensate()
-    if compensate and calibration is None:
-        raise PrunekitError("bias compensation needs calibration data (the mean output of what is removed): pass "
-                            "--calib, or --no-bias-compensation")
-    needs_stats = importance in ("wanda", "flap") or compensate
     stats = (collect_stats(model, calibration, device, progress, config.micro_batch_size)
              if needs_stats and calibration is not None else None)
     grads = None
@@ -416,6 +406,32 @@ def prune_heads_neurons(model: nn.Module, config: HeadsNeuronsConfig, calibratio
         compensated = _apply_bias(model, adapter, "attention", attention_delta) and \
             _apply_bias(model, adapter, "mlp", mlp_delta)
     facts = surgery.sync_config(model)
+    return heads_neurons_facts(config, shapes, heads, neurons, compensate, compensated, before, facts)
+
+
+def heads_neurons_setup(config: HeadsNeuronsConfig,
+                        calibration: torch.Tensor | None) -> tuple[float, float, bool, bool]:
+    """(heads ratio, neurons ratio, bias compensation, activation statistics needed), refusing what cannot run."""
+    heads_ratio, neurons_ratio = config.ratios()
+    _check_ratio(heads_ratio, "heads")
+    _check_ratio(neurons_ratio, "neurons")
+    importance = config.importance
+    if importance != "magnitude" and calibration is None:
+        raise PrunekitError(f"importance '{importance}' needs calibration data: pass --calib, "
+                            "or use --importance magnitude")
+    compensate = config.compensate()
+    if compensate and calibration is None:
+        raise PrunekitError("bias compensation needs calibration data (the mean output of what is removed): pass "
+                            "--calib, or --no-bias-compensation")
+    return heads_ratio, neurons_ratio, compensate, importance in ("wanda", "flap") or compensate
+
+
+def heads_neurons_facts(config: HeadsNeuronsConfig, shapes: list[surgery.LayerShape], heads: dict[int, list[int]],
+                        neurons: dict[int, list[int]], compensate: bool, compensated: bool, before: int,
+                        facts: dict[str, Any]) -> dict[str, Any]:
+    """What the record says of a heads-neurons run (``facts``: from :func:`prunekit.surgery.sync_config`)."""
+    heads_ratio, neurons_ratio = config.ratios()
+    importance, allocation, gqa = config.importance, config.allocation, config.gqa
     total_heads = sum(s.heads for s in shapes)
     total_neurons = sum(s.intermediate for s in shapes)
     return {
@@ -496,6 +512,18 @@ def prune_blocks(model: nn.Module, config: BlocksConfig, calibration: torch.Tens
                  progress: bool = True) -> dict[str, Any]:
     """The ``blocks`` method: remove the ``remove`` blocks of lowest influence (or ``ratio`` of them)."""
     n_blocks = len(surgery.structured_adapter(model).blocks())
+    remove = blocks_to_remove(config, n_blocks, calibration)
+    assert calibration is not None
+    influence = block_influence(model, calibration, device, batch_size=config.micro_batch_size)
+    removed = lowest_influence(influence, remove)
+    before = count_parameters(model)
+    surgery.remove_blocks(model, removed)
+    facts = surgery.sync_config(model)
+    return blocks_facts(influence, removed, before, facts)
+
+
+def blocks_to_remove(config: BlocksConfig, n_blocks: int, calibration: torch.Tensor | None) -> int:
+    """How many of ``n_blocks`` blocks go (``remove``, or ``ratio`` rounded half up), refusing what cannot run."""
     remove, ratio = config.remove, config.ratio
     if remove is None and ratio is not None:
         remove = round_half_up(float(ratio) * n_blocks)
@@ -505,12 +533,18 @@ def prune_blocks(model: nn.Module, config: BlocksConfig, calibration: torch.Tens
         raise PrunekitError(f"--remove {remove} would remove all {n_blocks} blocks: remove at most {n_blocks - 1}")
     if calibration is None:
         raise PrunekitError("the blocks method needs calibration data to measure block influence: pass --calib")
-    influence = block_influence(model, calibration, device, batch_size=config.micro_batch_size)
-    order = sorted(range(n_blocks), key=lambda i: (influence[i], i))
-    removed = sorted(order[:int(remove)])
-    before = count_parameters(model)
-    surgery.remove_blocks(model, removed)
-    facts = surgery.sync_config(model)
+    return int(remove)
+
+
+def lowest_influence(influence: list[float], remove: int) -> list[int]:
+    """The indices of the ``remove`` blocks of lowest influence (ties: the earlier block), in order."""
+    order = sorted(range(len(influence)), key=lambda i: (influence[i], i))
+    return sorted(order[:remove])
+
+
+def blocks_facts(influence: list[float], removed: list[int], before: int, facts: dict[str, Any]) -> dict[str, Any]:
+    """What the record says of a blocks run (``facts``: from :func:`prunekit.surgery.sync_config`)."""
+    n_blocks = len(influence)
     return {"structured": "blocks", "importance": "influence (1 - cos(input, output), ShortGPT)",
             "block_influence": influence, "blocks_removed": removed, "num_blocks": n_blocks - len(removed),
             "parameters_before": before, "parameters_after": facts["parameters"],
