@@ -232,3 +232,14 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(capsys, tmp_path: Path, text
                        "--onload", mode)
     one_line_error(code, err, "not enough disk space", bars=True)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_mmap_threshold_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prunekit.errors import PrunekitError
+    from prunekit.onload import return_freed_memory
+
+    monkeypatch.setenv("PRUNEKIT_MMAP_THRESHOLD", "0")
+    assert return_freed_memory() is False  # 0: glibc's own threshold kept, nothing set
+    monkeypatch.setenv("PRUNEKIT_MMAP_THRESHOLD", "lots")
+    with pytest.raises(PrunekitError, match="PRUNEKIT_MMAP_THRESHOLD='lots' is not a number of bytes"):
+        return_freed_memory()

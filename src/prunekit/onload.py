@@ -86,6 +86,13 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     except (OSError, AttributeError):
         return False
     m_mmap_threshold = -3
+    try:  # PRUNEKIT_MMAP_THRESHOLD=BYTES overrides; 0 leaves glibc's own (faster, higher peak: see the README)
+        threshold = int(os.environ.get("PRUNEKIT_MMAP_THRESHOLD", threshold))
+    except ValueError as exc:
+        raise PrunekitError(f"PRUNEKIT_MMAP_THRESHOLD={os.environ['PRUNEKIT_MMAP_THRESHOLD']!r} is not a number of "
+                            "bytes: unset it or give e.g. 1048576") from exc
+    if threshold <= 0:
+        return False
     return bool(mallopt(m_mmap_threshold, int(threshold)))
 
 
