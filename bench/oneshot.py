@@ -62,9 +62,17 @@ def plus_configurations() -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = [{"method": "dense"},
                                   {"method": "ria", "sparsity": 0.5}, {"method": "ria", "structure": "2:4"},
                                   {"method": "ria", "structure": "2:4", "permute": True},
-                                  {"method": "wanda", "structure": "2:4", "permute": True}]
+                                  {"method": "wanda", "structure": "2:4", "permute": True},
+                                  # sequential (each layer group's statistics after the earlier groups are pruned)
+                                  {"method": "wanda", "structure": "2:4", "sequential": True},
+                                  {"method": "ria", "structure": "2:4", "permute": True, "sequential": True},
+                                  {"method": "ria", "structure": "2:4", "permute": True, "sequential": True,
+                                   "refine": "swaps"},
+                                  {"method": "ria", "structure": "2:4", "permute": True, "sequential": True,
+                                   "reconstruct_steps": "RECON"}]
     for amount in ({"sparsity": 0.5}, {"structure": "2:4"}, {"sparsity": 0.7}):
-        runs += [{"method": "sparsegpt", **amount, "refine": "swaps"},
+        runs += [{"method": "sparsegpt", **amount, "sequential": True},
+                 {"method": "sparsegpt", **amount, "refine": "swaps"},
                  {"method": "sparsegpt", **amount, "reconstruct_steps": "RECON"},
                  {"method": "sparsegpt", **amount, "refine": "swaps", "reconstruct_steps": "RECON"}]
     return runs
@@ -85,6 +93,8 @@ def label(run: dict[str, Any]) -> str:
     text = f"{run['method']} {amount}" + (" owl" if run.get("allocation") == "owl" else "")
     if run.get("permute"):
         text += " +permute"
+    if run.get("sequential"):
+        text += " +sequential"
     if run.get("refine", "none") != "none":
         text += f" +{run['refine']}"
     if run.get("reconstruct_steps"):
