@@ -19,6 +19,7 @@ save) runs under GNU ``/usr/bin/time -f '%e %M'`` (wall seconds, peak RSS) insid
     python bench/peers.py                          # sparsegpt 50 %, then 2:4, both tools
     python bench/peers.py --configs 0.5 --recipe   # also prunekit's best recipe at 50 %
     python bench/peers.py --wanda                  # add llm-compressor's and prunekit's Wanda rows
+    python bench/peers.py --wanda-only             # only those (rows already in peers.json are kept)
 
 Writes bench/results/peers.json and bench/results/peers.md (rows of earlier runs with other labels kept).
 """
@@ -171,15 +172,15 @@ TARGETS_NOTE = ("issue 11 targets against llm-compressor on the same work: perpl
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     by = {(r["tool"], r["method"], r["amount"], r["recipe"]): r for r in rows}
-    for amount in ("0.5", "2:4"):
-        peer = by.get(("llm-compressor", "sparsegpt", amount, False))
+    for method, amount in [(m, a) for m in ("sparsegpt", "wanda") for a in ("0.5", "2:4")]:
+        peer = by.get(("llm-compressor", method, amount, False))
         if not peer:
             continue
         for recipe in (False, True):
-            ours = by.get(("prunekit", "sparsegpt", amount, recipe))
+            ours = by.get(("prunekit", method, amount, recipe))
             if not ours:
                 continue
-            name = f"sparsegpt {amount}" + (" (prunekit best recipe)" if recipe else "")
+            name = f"{method} {amount}" + (" (prunekit best recipe)" if recipe else "")
             ratio = ours["wall_s"] / peer["wall_s"]
             out += [{"configuration": name, "target": "perplexity no worse",
                      "figures": f"{ours['perplexity']:.2f} vs {peer['perplexity']:.2f}",
@@ -243,6 +244,7 @@ def main() -> int:
     parser.add_argument("--recipe", action="store_true", help="also prunekit's best recipe (50 %% only)")
     parser.add_argument("--recipe-only", action="store_true", help="only prunekit's best recipe rows")
     parser.add_argument("--wanda", action="store_true", help="also Wanda, both tools")
+    parser.add_argument("--wanda-only", action="store_true", help="only the Wanda rows, both tools")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--model-dir", default=str(MODEL_DIR))
     parser.add_argument("--data", default="austen")
@@ -280,9 +282,9 @@ def main() -> int:
             "versions": versions()}
     plan: list[tuple[str, str, str, bool]] = []
     for amount in args.configs.split(","):
-        if not args.recipe_only:
+        if not args.recipe_only and not args.wanda_only:
             plan += [("prunekit", "sparsegpt", amount, False), ("llm-compressor", "sparsegpt", amount, False)]
-        if args.wanda and not args.recipe_only:
+        if (args.wanda or args.wanda_only) and not args.recipe_only:
             plan += [("prunekit", "wanda", amount, False), ("llm-compressor", "wanda", amount, False)]
     if (args.recipe or args.recipe_only) and "0.5" in args.configs.split(","):  # last: the pairs come first
         plan.append(("prunekit", "sparsegpt", "0.5", True))
