@@ -233,7 +233,7 @@ def markdown(results: list[dict[str, Any]], cli: dict[str, Any] | None, meta: di
         settings = row["settings"]
         amount = settings.get("structure") or (str(settings.get("sparsity")) if "sparsity" in settings else None)
         plain = not (settings.get("allocation") or settings.get("permute") or settings.get("reconstruct_steps")
-                     or settings.get("refine", "none") != "none")
+                     or settings.get("sequential") or settings.get("refine", "none") != "none")
         ref = REFERENCE.get((settings["method"], amount)) if plain else None
         ratio = f"{row['perplexity'] / dense:.2f}x" if dense else "-"
         prune_s = f"{row['prune_s']:.1f} ({row['prune_cpu_s']:.0f})" if "prune_s" in row else "-"
