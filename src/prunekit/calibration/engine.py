@@ -295,10 +295,13 @@ def _visit_block(index: int, position: int, block: nn.Module, inputs: list[Block
                                 keep_outputs=not visitor.modifies or visitor.wants_dense_outputs)
         report.stats_s += time.perf_counter() - start
         start = time.perf_counter()
-        groups = _sequential_groups(stats) if visitor.sequential and visitor.modifies else [list(stats.observers)]
+        groups = _sequential_groups(stats) if visitor.sequential and visitor.modifies else [list(layers)]
         with torch.inference_mode(), single_thread(module_device(block)):
-            visitor.finish(index, block, {name: layers[name] for name in groups[0]},
-                           {name: stats.observers[name] for name in groups[0]})
+            if len(groups) == 1:  # every layer from the dense block's statistics, in the block's own order
+                visitor.finish(index, block, layers, stats.observers)
+            else:
+                visitor.finish(index, block, {name: layers[name] for name in groups[0]},
+                               {name: stats.observers[name] for name in groups[0]})
         for group in groups[1:]:  # sequential: this group's statistics with the earlier groups changed
             report.change_s += time.perf_counter() - start
             start = time.perf_counter()
