@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from prunekit.cli.main import main
+
+TEXT = " ".join(["It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                 "must be in want of a wife. The quick brown fox jumps over the lazy dog."] * 60)
+
+
+def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved folder's safetensors shards, by name."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def text_corpus(folder: Path) -> str:
+    """A small English text file written into ``folder``, as the ``text:PATH`` dataset name."""
+    path = folder / "corpus.txt"
+    path.write_text(TEXT)
+    return f"text:{path}"
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -8,27 +8,14 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from cli_helpers import one_line_error, run
+from cli_helpers import one_line_error, run, saved_tensors, text_corpus
 from conftest import build_tiny_model, build_tiny_tokenizer
-
-TEXT = " ".join(["It is a truth universally acknowledged, that a single man in possession of a good fortune, "
-                 "must be in want of a wife. The quick brown fox jumps over the lazy dog."] * 60)
-
-
-def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(str(file)))
-    return tensors
 
 
 @pytest.fixture
 def text_data(tmp_path: Path) -> str:
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return f"text:{path}"
+    return text_corpus(tmp_path)
 
 
 def model_dir(tmp_path: Path, family: str = "llama", layers: int = 4, **overrides: Any) -> Path:

@@ -133,25 +133,13 @@ def eval_plan(settings: dict[str, Any], data: Any, tasks: list[str]) -> OnloadPl
     (:func:`prunekit.onload.should_onload`), as ``prunekit prune`` does.
     """
     from prunekit.data import TextData
-    from prunekit.models import _check_config, check_weight_files, resolve_model_source
-    from prunekit.onload import ONLOAD_CHOICES, should_onload
-    from prunekit.utils import resolve_dtype
+    from prunekit.models import _check_config
+    from prunekit.onload_job import onload_wanted
 
-    choice = str(settings.get("onload") or "auto")
-    if choice not in ONLOAD_CHOICES:
-        raise PrunekitError(f"onload '{choice}': use one of {', '.join(ONLOAD_CHOICES)}")
-    if choice == "never":
+    wanted = onload_wanted(settings)
+    if wanted is None:
         return None
-    source, builtin = resolve_model_source(settings["model"], progress=True)
-    folder = Path(source)
-    reason = None
-    if not folder.is_dir():
-        reason = "the model is a hub id, not a local folder (download it first)"
-    else:
-        check_weight_files(folder)
-    wanted = choice == "always" or (reason is None and should_onload(choice, folder, resolve_dtype(settings["dtype"])))
-    if not wanted:
-        return None
+    choice, folder, builtin, reason = wanted
     task = "causal-lm"
     if reason is None:
         _check_config(str(folder), settings["model"])  # an unknown model type: the full load's one-line error

@@ -32,12 +32,15 @@ def note(message: str) -> None:
     print(f"prunekit: {message}", file=sys.stderr, flush=True)
 
 
-def onload_plan(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig, *, measure: bool,
-                export: Any) -> OnloadPlan | None:
-    """The plan when this run is onloaded, None when the whole model is loaded (with a note if onloading was wanted)."""
-    from prunekit.models import BUILTIN_MODELS, RECORD_NAME, check_weight_files, infer_task, resolve_model_source
+def onload_wanted(settings: dict[str, Any]) -> tuple[str, Path, str | None, str | None] | None:
+    """(choice, folder, built-in name, reason not to) when ``settings['onload']`` asks for onloading; else None.
+
+    Shared by ``prunekit prune`` and ``prunekit eval``: ``never`` -> None; ``auto`` -> None unless twice the
+    weights' bytes exceed the memory available; a hub id gives a reason (the caller notes it). A local
+    folder's shards are checked first, whatever the mode (one-line errors for a missing or damaged shard).
+    """
+    from prunekit.models import check_weight_files, resolve_model_source
     from prunekit.onload import ONLOAD_CHOICES, should_onload
-    from prunekit.pruning import onload_refusal
     from prunekit.utils import resolve_dtype
 
     choice = str(settings.get("onload") or "auto")
@@ -55,6 +58,19 @@ def onload_plan(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig
     wanted = choice == "always" or (reason is None and should_onload(choice, folder, resolve_dtype(settings["dtype"])))
     if not wanted:
         return None
+    return choice, folder, builtin, reason
+
+
+def onload_plan(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig, *, measure: bool,
+                export: Any) -> OnloadPlan | None:
+    """The plan when this run is onloaded, None when the whole model is loaded (with a note if onloading was wanted)."""
+    from prunekit.models import BUILTIN_MODELS, RECORD_NAME, infer_task
+    from prunekit.pruning import onload_refusal
+
+    wanted = onload_wanted(settings)
+    if wanted is None:
+        return None
+    choice, folder, builtin, reason = wanted
     if reason is None and (folder / RECORD_NAME).exists():
         from prunekit.models import read_record
 
