@@ -62,7 +62,9 @@ def machine() -> dict[str, Any]:
     memory = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                    if line.startswith("MemTotal:")), None) if Path("/proc/meminfo").exists() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory, "torch": torch.__version__,
-            "python": platform.python_version(), "load_average_start": os.getloadavg()}
+            "python": platform.python_version(), "load_average_start": os.getloadavg(),
+            "onload_malloc": "glibc mmap threshold " + os.environ.get("PRUNEKIT_MMAP_THRESHOLD", "4194304 (prunekit's)")
+                             + " bytes, malloc_trim after each block"}
 
 
 def measure(model: str, onload: str, out: Path) -> dict[str, Any]:
@@ -252,7 +254,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# Memory benchmark: sequential onloading", "",
              f"Run {results['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_bytes'] / 2**30:.0f} GiB), "
              f"torch {m['torch']}, load average {m['load_average_start'][0]:.2f} at start, "
-             f"{m['load_average_end'][0]:.2f} at end.", "",
+             f"{m['load_average_end'][0]:.2f} at end. Allocator of the onloaded runs: "
+             f"{m.get('onload_malloc', 'not recorded')}.", "",
              "## Protocol", "", (__doc__ or "").split("\n\n    flock")[0].strip(), "",
              f"Command: `{results['command']}`.", "",
              "## Runs (in the order they ran)", "",

@@ -20,6 +20,7 @@ save) runs under GNU ``/usr/bin/time -f '%e %M'`` (wall seconds, peak RSS) insid
     python bench/peers.py --configs 0.5 --recipe   # also prunekit's best recipe at 50 %
     python bench/peers.py --wanda                  # add llm-compressor's and prunekit's Wanda rows
     python bench/peers.py --wanda-only             # only those (rows already in peers.json are kept)
+    python bench/peers.py --sequential             # also prunekit's sparsegpt with --sequential
 
 Writes bench/results/peers.json and bench/results/peers.md (rows of earlier runs with other labels kept).
 """
@@ -135,15 +136,22 @@ def measure_arm(args: argparse.Namespace) -> int:
     return 0
 
 
+def variant_of(row: dict[str, Any]) -> str:
+    """'' (plain), 'recon32' (the best recipe) or 'sequential' (rows written before variants: from 'recipe')."""
+    return str(row.get("variant", "recon32" if row.get("recipe") else ""))
+
+
 def run_config(tool: str, method: str, amount: str, args: argparse.Namespace, calib_file: Path,
-               recipe: bool = False) -> dict[str, Any]:
+               variant: str = "") -> dict[str, Any]:
     structure = amount if ":" in amount else "unstructured"
     with tempfile.TemporaryDirectory(prefix="prunekit-peers-") as tmp:
         work, out = Path(tmp), Path(tmp) / "out"
         if tool == "prunekit":
             flags = ["--structure", amount] if structure != "unstructured" else ["--sparsity", amount]
-            if recipe:
+            if variant == "recon32":
                 flags += [x for key, value in RECIPE.items() for x in (f"--{key}", value)]
+            elif variant == "sequential":
+                flags.append("--sequential")
             command = [sys.executable, "-m", "prunekit.cli.main", "prune", args.model, "--method", method, *flags,
                        "--calib", args.data, "--calib-samples", str(args.samples), "--seq-len", str(args.seq_len),
                        "--seed", str(args.seed), "--out", str(out)]
@@ -157,9 +165,10 @@ def run_config(tool: str, method: str, amount: str, args: argparse.Namespace, ca
                      f"(sparsity={sparsity}, mask_structure={'0:0' if structure == 'unstructured' else structure}, "
                      "targets=[Linear], ignore=[re:.*lm_head]) on the exported windows, "
                      "save_pretrained(save_compressed=False)")
-        row: dict[str, Any] = {"tool": tool, "method": method, "amount": amount, "recipe": recipe,
+        row: dict[str, Any] = {"tool": tool, "method": method, "amount": amount, "recipe": variant == "recon32",
+                               "variant": variant,
                                "label": f"{tool} {method} {amount if ':' in amount else f'{float(amount):.0%}'}"
-                                        + (" +recon32" if recipe else ""), "command": shown}
+                                        + (f" +{variant}" if variant else ""), "command": shown}
         row.update(timed(command, work))
         row.update(measure(out, args))
     return row
@@ -171,16 +180,17 @@ TARGETS_NOTE = ("issue 11 targets against llm-compressor on the same work: perpl
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    by = {(r["tool"], r["method"], r["amount"], r["recipe"]): r for r in rows}
+    by = {(r["tool"], r["method"], r["amount"], variant_of(r)): r for r in rows}
     for method, amount in [(m, a) for m in ("sparsegpt", "wanda") for a in ("0.5", "2:4")]:
-        peer = by.get(("llm-compressor", method, amount, False))
+        peer = by.get(("llm-compressor", method, amount, ""))
         if not peer:
             continue
-        for recipe in (False, True):
-            ours = by.get(("prunekit", method, amount, recipe))
+        for variant in ("", "sequential", "recon32"):
+            ours = by.get(("prunekit", method, amount, variant))
             if not ours:
                 continue
-            name = f"{method} {amount}" + (" (prunekit best recipe)" if recipe else "")
+            name = f"{method} {amount}" + {"": "", "sequential": " (prunekit +sequential)",
+                                           "recon32": " (prunekit best recipe)"}[variant]
             ratio = ours["wall_s"] / peer["wall_s"]
             out += [{"configuration": name, "target": "perplexity no worse",
                      "figures": f"{ours['perplexity']:.2f} vs {peer['perplexity']:.2f}",
@@ -244,6 +254,8 @@ def main() -> int:
     parser.add_argument("--recipe", action="store_true", help="also prunekit's best recipe (50 %% only)")
     parser.add_argument("--recipe-only", action="store_true", help="only prunekit's best recipe rows")
     parser.add_argument("--wanda", action="store_true", help="also Wanda, both tools")
+    parser.add_argument("--sequential", action="store_true",
+                        help="also prunekit's sparsegpt with --sequential (after each sparsegpt pair)")
     parser.add_argument("--wanda-only", action="store_true", help="only the Wanda rows, both tools")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--model-dir", default=str(MODEL_DIR))
@@ -280,18 +292,20 @@ def main() -> int:
             "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": versions()}
-    plan: list[tuple[str, str, str, bool]] = []
+    plan: list[tuple[str, str, str, str]] = []
     for amount in args.configs.split(","):
         if not args.recipe_only and not args.wanda_only:
-            plan += [("prunekit", "sparsegpt", amount, False), ("llm-compressor", "sparsegpt", amount, False)]
+            plan += [("prunekit", "sparsegpt", amount, ""), ("llm-compressor", "sparsegpt", amount, "")]
+            if args.sequential:
+                plan.append(("prunekit", "sparsegpt", amount, "sequential"))
         if (args.wanda or args.wanda_only) and not args.recipe_only:
-            plan += [("prunekit", "wanda", amount, False), ("llm-compressor", "wanda", amount, False)]
+            plan += [("prunekit", "wanda", amount, ""), ("llm-compressor", "wanda", amount, "")]
     if (args.recipe or args.recipe_only) and "0.5" in args.configs.split(","):  # last: the pairs come first
-        plan.append(("prunekit", "sparsegpt", "0.5", True))
+        plan.append(("prunekit", "sparsegpt", "0.5", "recon32"))
     path = out / "peers.json"
     rows: list[dict[str, Any]] = json.loads(path.read_text())["results"] if path.exists() else []
-    for tool, method, amount, recipe in plan:
-        row = run_config(tool, method, amount, args, calib_file, recipe)
+    for tool, method, amount, variant in plan:
+        row = run_config(tool, method, amount, args, calib_file, variant)
         rows = [r for r in rows if r["label"] != row["label"]] + [row]
         print(f"{row['label']:<40} ppl {row['perplexity']:8.2f}  wall {row['wall_s']:6.1f} s  "
               f"peak {row['peak_rss_mb']:6.0f} MB", flush=True)

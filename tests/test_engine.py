@@ -231,3 +231,25 @@ def test_single_thread_hands_the_outer_count_to_all_threads_and_restores_it() ->
         torch.set_num_threads(before)
     state = [name for name, value in vars(calibration).items() if "THREAD" in name.upper() and not callable(value)]
     assert state == []  # no module-level thread state
+
+
+def test_automatic_micro_batch() -> None:
+    from prunekit.calibration.engine import auto_micro_batch
+
+    # CPU: as many windows as make 512 tokens, at least one; a GPU: 8; a positive request is kept
+    assert [auto_micro_batch(0, "cpu", n) for n in (512, 128, 100, 16, 2048)] == [1, 4, 5, 32, 1]
+    assert auto_micro_batch(0, "cuda", 512) == 8
+    assert auto_micro_batch(3, "cpu", 512) == 3
+
+
+def test_engine_reports_the_micro_batch_it_ran() -> None:
+    model = tiny_model("llama")
+    tokens = torch.randint(0, VOCAB, (6, 128), generator=torch.Generator().manual_seed(0))
+
+    class Nothing(BlockVisitor):
+        modifies = False
+
+    report = run_blockwise(model, tokens, Nothing(), device="cpu", progress=False)
+    assert report.micro_batch_size == 4  # 512 // 128 windows per forward
+    captured = capture_block_inputs(model, tokens, device=torch.device("cpu"), micro_batch_size=4)
+    assert [inp.hidden.shape[0] for inp in captured] == [4, 2]

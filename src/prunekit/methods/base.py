@@ -30,12 +30,15 @@ from prunekit.methods.registry import MethodConfig, setting
 class EngineConfig(MethodConfig):
     """Settings of the block-by-block engine that every one-shot and structured method shares."""
 
-    micro_batch_size: int = setting(8, "calibration samples per forward in the block-by-block engine")
+    micro_batch_size: int = setting(0, "calibration samples per forward in the block-by-block engine (with "
+                                       "reconstruction: per Adam step); 0: automatic, on CPU as many as make "
+                                       "512 tokens (at least 1), on a GPU 8")
 
     def check(self) -> None:
         super().check()
-        if self.micro_batch_size < 1:
-            raise PrunekitError(f"{self.method}: micro_batch_size {self.micro_batch_size} must be at least 1")
+        if self.micro_batch_size < 0:
+            raise PrunekitError(f"{self.method}: micro_batch_size {self.micro_batch_size} must be at least 1 "
+                                "(or 0: automatic)")
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ class _OutlierVisitor(BlockVisitor):
 
 def owl_allocation(model: nn.Module, calibration: torch.Tensor, config: Any, target: float,
                    layers_by_block: list[dict[str, nn.Module]], *, device: torch.device | str | None = None,
-                   micro_batch_size: int = 8, progress: bool = True,
+                   micro_batch_size: int = 0, progress: bool = True,
                    placement: BlockPlacement | None = None) -> tuple[list[float], list[float]]:
     """(per-block sparsity, per-block outlier ratio) from a dense pass over the calibration batch.
 

@@ -39,6 +39,7 @@ from prunekit import surgery
 from prunekit.adapters import grad_view, model_head, weight_view
 from prunekit.adapters.base import ModelAdapter, get_submodule
 from prunekit.calibration import BlockVisitor, block_output, run_blockwise
+from prunekit.calibration.engine import auto_micro_batch
 from prunekit.errors import PrunekitError
 from prunekit.methods.base import EngineConfig
 from prunekit.methods.registry import register, setting
@@ -103,7 +104,7 @@ class _StatsVisitor(BlockVisitor):
 
 
 def collect_stats(model: nn.Module, calibration: torch.Tensor, device: torch.device,
-                  progress: bool, micro_batch_size: int = 8) -> dict[int, dict[str, ChannelStats]]:
+                  progress: bool, micro_batch_size: int = 0) -> dict[int, dict[str, ChannelStats]]:
     """Input statistics per block, from the block-by-block engine on the dense model."""
     visitor = _StatsVisitor(surgery.structured_adapter(model))
     run_blockwise(model, calibration, visitor, device=device, progress=progress, desc="statistics",
@@ -514,7 +515,8 @@ def prune_blocks(model: nn.Module, config: BlocksConfig, calibration: torch.Tens
     n_blocks = len(surgery.structured_adapter(model).blocks())
     remove = blocks_to_remove(config, n_blocks, calibration)
     assert calibration is not None
-    influence = block_influence(model, calibration, device, batch_size=config.micro_batch_size)
+    influence = block_influence(model, calibration, device,
+                                batch_size=auto_micro_batch(config.micro_batch_size, device, calibration.shape[1]))
     removed = lowest_influence(influence, remove)
     before = count_parameters(model)
     surgery.remove_blocks(model, removed)
