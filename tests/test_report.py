@@ -170,3 +170,22 @@ def test_per_block_profile_maps_removed_blocks_back() -> None:
     # block 1 of 3 removed: the blocks left are 0 and 1 (the old 2); the old 2 has half its weights zero
     pruned = _entry(row("blocks", {"model.layers.0.mlp": [10, 10], "model.layers.1.mlp": [10, 5]}, [1]), None)
     assert block_profile(pruned, dense) == {0: 0.0, 1: 1.0, 2: 0.5}
+
+
+def test_ranking_groups_runs_by_the_sparsity_they_were_asked_for(tmp_path: Path) -> None:
+    """A run that removed 47.5 % when asked for 50 % (FLOP's gates land near their target) is ranked at 50 %."""
+    study = build_study({"name": "asked", "models": ["m"], "evaluation": {"data": ["text:a"]},
+                         "methods": [{"method": "magnitude", "sparsity": 0.5}]}, "asked.yaml", check_sources=False)
+    database = open_for_study(tmp_path / "s", study)
+    rows = [(_run("dense", "dense", "dense"), _results((10, 8), (80, 80), 1000, 600)),
+            (_run("magnitude 50%", "magnitude", "one-shot", config={"sparsity": 0.5}),
+             _results((20, 16), (80, 40), 1000, 400)),
+            (_run("heads-neurons 50%", "heads-neurons", "structured", config={"sparsity": 0.5}),
+             _results((15, 12), (42, 42), 600, 350))]
+    for run, results in rows:
+        assert database.add_run(run, results, 1.0, MACHINE, VERSIONS)
+    database.close()
+    found = dict(answers(load(tmp_path / "s")))
+    assert found["Which method keeps quality best on text:a/eval at each sparsity?"] == (
+        "At 50 % of block weights removed: heads-neurons [47.5 % removed] 15.00 (1.50x dense), then magnitude "
+        "20.00 (2.00x dense).")

@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--ray-address", default=None,
                         help="the Ray cluster to use with --executor ray (default: start a local Ray instance)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the study file's)")
+    parser.add_argument("--retime-latency", action="store_true",
+                        help="time every run whose model is in DIR again (e.g. after other work shared the machine "
+                             "while the study was timing); the earlier figures are replaced")
     parser.add_argument("--no-report", dest="report", action="store_false", help="do not write the report at the end")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--print-config", action="store_true",
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                             "continue it)")
     try:
         outcome = run_study(study, args.out, workers=args.workers, executor=args.executor, address=args.ray_address,
-                            progress=args.progress, echo=_echo)
+                            progress=args.progress, echo=_echo, retime=args.retime_latency)
     except KeyboardInterrupt:
         print(f"prunekit: interrupted; the runs finished so far are kept in {args.out}: run the same command again "
               "to continue", file=sys.stderr)

@@ -111,16 +111,23 @@ def _smallest(data: StudyData, model: str, dense: Entry, primary: str, metric: s
 
 def _ranking(data: StudyData, model: str, dense: Entry, primary: str, metric: str, prefix: str
              ) -> tuple[str, str] | None:
-    """At each sparsity (rounded to a percent) where two or more methods ran: the methods from best to worst."""
+    """At each sparsity where two or more methods ran: the methods from best to worst.
+
+    Runs are grouped by the sparsity they were asked for (their setting, to a percent), else by the
+    fraction they removed; where a run removed another fraction than it was asked for (FLOP's gates land
+    near their target), the fraction removed is given beside it.
+    """
     base = dense.quality.get(primary)
     levels: dict[int, dict[str, list[float]]] = {}
+    removed: dict[tuple[int, str], list[float]] = {}
     for e in data.entries:
         if e.model != model or e.kind not in ("one-shot", "structured", "training") or e.removed is None:
             continue
         if primary not in e.quality or (e.kind == "training" and e.method == "none"):
             continue
-        level = round(100 * e.removed)
+        level = _asked_level(e)
         levels.setdefault(level, {}).setdefault(e.series, []).append(e.quality[primary])
+        removed.setdefault((level, e.series), []).append(e.removed)
     parts = []
     for level in sorted(levels):
         group = levels[level]
@@ -131,7 +138,9 @@ def _ranking(data: StudyData, model: str, dense: Entry, primary: str, metric: st
         for series, values in ranked:
             spread = f" ± {_half_spread(metric, values)} over {len(values)} seeds" if len(values) > 1 else ""
             versus = f" ({_versus(metric, mean(values), base)})" if base else ""
-            shown.append(f"{series} {_show(metric, mean(values))}{spread}{versus}")
+            actual = 100 * mean(removed[(level, series)])
+            off = f" [{actual:.1f} % removed]" if abs(actual - level) >= 0.5 else ""
+            shown.append(f"{series}{off} {_show(metric, mean(values))}{spread}{versus}")
         note = ""
         (first, a), (second, b) = ranked[0], ranked[1]
         if len(a) > 1 and len(b) > 1 and abs(mean(a) - mean(b)) <= max(_range(a), _range(b)) / 2:
@@ -141,6 +150,14 @@ def _ranking(data: StudyData, model: str, dense: Entry, primary: str, metric: st
         return None
     return (f"{prefix}Which method keeps quality best on {primary} at each sparsity?",
             "; ".join(parts)[0].upper() + "; ".join(parts)[1:] + ".")
+
+
+def _asked_level(entry: Entry) -> int:
+    """The sparsity the run was asked for, in whole percent (its method setting), else the fraction it removed."""
+    asked = ((entry.row.get("settings") or {}).get("config") or {}).get("sparsity")
+    if isinstance(asked, int | float) and not isinstance(asked, bool) and 0 < asked < 1:
+        return round(100 * asked)
+    return round(100 * (entry.removed or 0.0))
 
 
 def _range(values: list[float]) -> float:

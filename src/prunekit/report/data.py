@@ -52,6 +52,7 @@ class Entry:
     seconds: float
     layers: dict[str, list[int]]
     row: dict[str, Any] = field(repr=False, default_factory=dict)
+    contended: bool = False  # its timing ran while other processes used the CPUs: ratios left out (None)
 
     @property
     def bytes(self) -> int | None:
@@ -142,6 +143,9 @@ def _entry(row: dict[str, Any], format_name: str | None) -> Entry:
     stored = results.get("bytes") or {}
     in_format = stored.get(format_name) if format_name else None
     latency = row.get("latency") or {}
+    contended = bool(latency.get("contended"))
+    if contended:  # a figure measured under other processes' load says nothing about the model
+        latency = {}
     quality = {name: float(q["value"]) for name, q in (results.get("quality") or {}).items()
                if isinstance(q.get("value"), int | float)}
     metrics = {name: str(q.get("metric")) for name, q in (results.get("quality") or {}).items()}
@@ -153,7 +157,7 @@ def _entry(row: dict[str, Any], format_name: str | None) -> Entry:
         bytes_saved=stored.get("saved"), bytes_format=in_format.get("bytes") if isinstance(in_format, dict) else None,
         forward_ratio=latency.get("forward_ratio"), decode_ratio=latency.get("decode_ratio"),
         forward_ms=latency.get("forward_ms"), decode_ms=latency.get("decode_ms_per_token"),
-        seconds=float(row["seconds"]), layers=results.get("layers") or {}, row=row)
+        seconds=float(row["seconds"]), layers=results.get("layers") or {}, row=row, contended=contended)
 
 
 def pareto(points: list[tuple[float, float, Any]], higher_is_better: bool) -> list[Any]:

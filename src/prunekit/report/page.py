@@ -108,7 +108,8 @@ def runs_table(data: StudyData) -> str:
                  "" if e.params is None else f"{e.params / 1e6:.2f}",
                  "" if e.nonzero is None else f"{e.nonzero / 1e6:.2f}", _mb(e.bytes_saved),
                  *([_mb(e.bytes_format)] if fmt else []), *(_quality(e, name) for name in sets),
-                 _ratio(e.forward_ratio), _ratio(e.decode_ratio), f"{e.seconds:.0f}", _machine(e), _versions(e),
+                 "contended" if e.contended else _ratio(e.forward_ratio),
+                 "contended" if e.contended else _ratio(e.decode_ratio), f"{e.seconds:.0f}", _machine(e), _versions(e),
                  str(e.row.get("finished", ""))]
         rows.append("<tr>" + "".join(f'<td class="{"text" if h in text_columns else ""}">{_e(c)}</td>'
                                      for h, c in zip(head, cells, strict=True)) + "</tr>")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from statistics import mean
 from typing import Any
 
+from prunekit.evaluate.cpuload import CONTENDED
 from prunekit.report.data import Entry, StudyData, block_profile, pareto
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
@@ -185,7 +186,9 @@ def quality_vs_latency(data: StudyData) -> list[Figure]:
         ax.set_visible(False)
     return [Figure("Quality vs measured latency", "Time relative to the dense model, timed interleaved with it in a "
                    "phase with no other run active (below 1 = faster). The frontier marks the runs no other run "
-                   "beats on both speed and quality.", _png(figure))]
+                   "beats on both speed and quality. Timings during which other processes used more than "
+                   f"{CONTENDED:.0%} of "
+                   "the CPUs are marked contended in the table of runs and left out.", _png(figure))]
 
 
 def recovery(data: StudyData) -> list[Figure]:

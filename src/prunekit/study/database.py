@@ -99,6 +99,12 @@ class ResultsDatabase:
             connection.execute("INSERT OR REPLACE INTO latency (key, results, machine, finished) VALUES (?, ?, ?, ?)",
                                (key, _dumps(results), _dumps(machine), now()))
 
+    def drop_latency(self, keys: list[str]) -> int:
+        """Delete the latency rows of ``keys``; returns how many there were."""
+        with self.transaction() as connection:
+            cursor = connection.executemany("DELETE FROM latency WHERE key = ?", [(key,) for key in keys])
+            return max(0, cursor.rowcount)
+
     def add_failure(self, key: str, label: str, error: str) -> None:
         with self.transaction() as connection:
             connection.execute("INSERT INTO failures (key, label, error, at) VALUES (?, ?, ?, ?)",

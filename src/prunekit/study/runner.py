@@ -28,7 +28,7 @@ from prunekit.errors import PrunekitError
 from prunekit.study.database import LOCK_NAME, ResultsDatabase, open_for_study
 from prunekit.study.execute import RunContext, RunOutcome
 from prunekit.study.executors import core_share, make_executor
-from prunekit.study.latency import time_runs
+from prunekit.study.latency import forget_timings, time_runs
 from prunekit.study.spec import Run, Study
 
 
@@ -95,9 +95,12 @@ def remove_leftovers(folder: Path) -> list[str]:
 
 
 def run_study(study: Study, out: str | Path, *, workers: int = 1, executor: str = "local",
-              address: str | None = None, progress: bool = True, echo: Callable[[str], None] = print
-              ) -> StudyOutcome:
-    """Run every run of ``study`` that is not in ``out``'s database yet, then the latency phase."""
+              address: str | None = None, progress: bool = True, echo: Callable[[str], None] = print,
+              retime: bool = False) -> StudyOutcome:
+    """Run every run of ``study`` that is not in ``out``'s database yet, then the latency phase.
+
+    ``retime`` drops the timings of every run whose model is at hand first, so they are all timed again.
+    """
     folder = Path(out).absolute()
     if folder.exists() and not folder.is_dir():
         raise PrunekitError(f"output path '{out}' is a file, not a folder: choose another --out")
@@ -107,7 +110,7 @@ def run_study(study: Study, out: str | Path, *, workers: int = 1, executor: str 
         with study_lock(folder):
             database = open_for_study(folder, study)
             try:
-                return _run(study, database, folder, workers, executor, address, progress, echo, started)
+                return _run(study, database, folder, workers, executor, address, progress, echo, started, retime)
             finally:
                 database.close()
     except PrunekitError:
@@ -117,7 +120,8 @@ def run_study(study: Study, out: str | Path, *, workers: int = 1, executor: str 
 
 
 def _run(study: Study, database: ResultsDatabase, folder: Path, workers: int, executor_kind: str,
-         address: str | None, progress: bool, echo: Callable[[str], None], started: float) -> StudyOutcome:
+         address: str | None, progress: bool, echo: Callable[[str], None], started: float,
+         retime: bool = False) -> StudyOutcome:
     remove_leftovers(folder)
     done = database.done_keys()
     todo = [run for run in study.runs if run.key not in done]
@@ -136,6 +140,8 @@ def _run(study: Study, database: ResultsDatabase, folder: Path, workers: int, ex
         finally:
             executor.close()
     if study.settings["evaluation"]["latency"]:
+        if retime:
+            echo(f"--retime-latency: {forget_timings(database, context)} earlier timing(s) dropped")
         outcome.timed = time_runs(database, context, echo)
     if not study.settings["keep_models"]:
         _remove_models(study, database, folder)
