@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,6 +48,7 @@ def _study(folder: Path) -> tuple[Any, RunContext, Run, Run]:
     results = {"quality": {}, "size": {"prunable_params": 80, "prunable_nonzero": 80}, "bytes": {}}
     for run in (dense, kept):
         assert database.add_run(run, results, 1.0, MACHINE, VERSIONS)
+    database.set_meta({"study_keys": json.dumps([dense.key, kept.key])})  # these rows are the study's runs
     context = RunContext(out=str(folder), evaluation={"latency": SETTINGS}, eval_sets={})
     return database, context, dense, kept
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ from prunekit.report import write_report
 from prunekit.report.answers import answers
 from prunekit.report.data import load, pareto
 from prunekit.study import build_study
-from prunekit.study.database import open_for_study
+from prunekit.study.database import open_existing, open_for_study
 from prunekit.study.spec import Run
 
 SETS = ("text:a/eval", "text:a/extra")
@@ -72,6 +73,7 @@ def write_study(folder: Path) -> Path:
         database.add_latency(run.key, {"forward_ratio": forward, "decode_ratio": decode, "forward_ms": 100 * forward,
                                        "decode_ms_per_token": 20 * decode, "protocol": "interleaved"}, MACHINE)
     assert not database.add_run(rows[1][0], rows[1][1], 1.0, MACHINE, VERSIONS)  # a run is kept once
+    database.set_meta({"study_keys": json.dumps([run.key for run, _, _ in rows])})  # the hand-made runs are the study
     database.close()
     return folder
 
@@ -180,12 +182,30 @@ def test_ranking_groups_runs_by_the_sparsity_they_were_asked_for(tmp_path: Path)
     rows = [(_run("dense", "dense", "dense"), _results((10, 8), (80, 80), 1000, 600)),
             (_run("magnitude 50%", "magnitude", "one-shot", config={"sparsity": 0.5}),
              _results((20, 16), (80, 40), 1000, 400)),
-            (_run("heads-neurons 50%", "heads-neurons", "structured", config={"sparsity": 0.5}),
-             _results((15, 12), (42, 42), 600, 350))]
+            (_run("heads-neurons 50%", "heads-neurons", "structured", config={"ratio": 0.5}),
+             _results((15, 12), (42, 42), 600, 350)),
+            (_run("flop 70%", "flop", "training", config={"sparsity": 0.7}), _results((17, 14), (25, 25), 560, 330))]
     for run, results in rows:
         assert database.add_run(run, results, 1.0, MACHINE, VERSIONS)
+    database.set_meta({"study_keys": json.dumps([run.key for run, _ in rows])})
     database.close()
     found = dict(answers(load(tmp_path / "s")))
     assert found["Which method keeps quality best on text:a/eval at each sparsity?"] == (
         "At 50 % of block weights removed: heads-neurons [47.5 % removed] 15.00 (1.50x dense), then magnitude "
-        "20.00 (2.00x dense).")
+        "20.00 (2.00x dense).")  # flop 70% is alone at its level: not ranked
+    zeros = found["Do the zeros make the model smaller or faster?"]
+    assert "flop 70% is 56 % of dense bytes as saved" in zeros  # trained smaller: counted with the shrunk models
+
+
+def test_rows_of_earlier_settings_are_kept_but_not_reported(tmp_path: Path) -> None:
+    """After a default changed, a run gets a new key: its old row stays in the database, out of the report."""
+    folder = write_study(tmp_path / "study")
+    database = open_existing(folder, read_only=False)
+    keys = json.loads(database.meta["study_keys"])
+    database.set_meta({"study_keys": json.dumps([k for k in keys if k != "key-wanda 2:4"])})
+    database.close()
+    data = load(folder)
+    assert data.hidden == 1 and "wanda 2:4" not in {e.label for e in data.entries}
+    write_report(folder)
+    page = (folder / "report.html").read_text()
+    assert "1 row(s) made with earlier settings of this study" in page and ">wanda 2:4<" not in page

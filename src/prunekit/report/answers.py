@@ -154,9 +154,11 @@ def _ranking(data: StudyData, model: str, dense: Entry, primary: str, metric: st
 
 def _asked_level(entry: Entry) -> int:
     """The sparsity the run was asked for, in whole percent (its method setting), else the fraction it removed."""
-    asked = ((entry.row.get("settings") or {}).get("config") or {}).get("sparsity")
-    if isinstance(asked, int | float) and not isinstance(asked, bool) and 0 < asked < 1:
-        return round(100 * asked)
+    config = (entry.row.get("settings") or {}).get("config") or {}
+    for name in ("sparsity", "ratio"):  # one-shot and training methods; heads-neurons
+        asked = config.get(name)
+        if isinstance(asked, int | float) and not isinstance(asked, bool) and 0 < asked < 1:
+            return round(100 * asked)
     return round(100 * (entry.removed or 0.0))
 
 
@@ -172,7 +174,8 @@ def _half_spread(metric: str, values: list[float]) -> str:
 def _zeros(data: StudyData, model: str, dense: Entry, prefix: str) -> tuple[str, str] | None:
     """Unstructured and N:M runs (zeros, same shapes) against structured ones (smaller shapes)."""
     zeros = [e for e in data.entries if e.model == model and e.kind == "one-shot"]
-    shrunk = [e for e in data.entries if e.model == model and e.kind == "structured"]
+    shrunk = [e for e in data.entries if e.model == model and (e.kind == "structured" or (  # or trained smaller (FLOP)
+        e.kind == "training" and e.params and dense.params and e.params < dense.params))]
     if not zeros and not shrunk:
         return None
     parts = []

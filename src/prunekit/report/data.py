@@ -70,6 +70,7 @@ class StudyData:
     entries: list[Entry]
     failures: list[dict[str, Any]]
     format_name: str | None  # the compressed format bytes are shown in, or None: as saved
+    hidden: int = 0  # rows of the database whose key is not a run of the study as last invoked
 
     def dense(self, model: str) -> Entry | None:
         """The model's reference: its dense run, else its dense fine-tuned baseline (training method none)."""
@@ -124,11 +125,13 @@ def load(folder: str | Path) -> StudyData:
         quantize = spec.get("quantize", "none")
         format_name = f"{spec.get('format', 'sparse-bitmask')} {spec.get('dtype', 'bfloat16')}" + (
             f" {quantize}" if quantize not in (None, "none") else "")
-    entries = [_entry(row, format_name) for row in rows]
-    done = {entry.key for entry in entries}
-    failures = [f for f in failures if f["key"] not in done]  # tried again and finished since
+    current = set(json.loads(meta["study_keys"])) if meta.get("study_keys") else None
+    shown = [row for row in rows if current is None or row["key"] in current]
+    entries = [_entry(row, format_name) for row in shown]
+    done = {row["key"] for row in rows}
+    failures = [f for f in failures if f["key"] not in done and (current is None or f["key"] in current)]
     data = StudyData(Path(folder), meta.get("study", "?"), meta.get("description", ""), settings, entries, failures,
-                     format_name)
+                     format_name, hidden=len(rows) - len(shown))
     for entry in entries:  # the fraction removed is relative to the dense model's block weights
         dense = data.dense(entry.model)
         base = dense.block_params if dense is not None and dense.block_params else entry.block_params

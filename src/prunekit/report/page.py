@@ -148,6 +148,9 @@ def render(data: StudyData, figures: list[Any], answers: list[tuple[str, str]], 
     if data.description:
         parts.append(f"<p>{_e(data.description)}</p>")
     failed = f", {len(data.failures)} failed (listed below)" if data.failures else ""
+    if data.hidden:
+        failed += (f"; {data.hidden} row(s) made with earlier settings of this study (e.g. a default changed in a "
+                   "newer prunekit) are kept in the database and not shown")
     parts.append(f'<p class="meta">{len(data.entries)} runs finished{failed}; report written {_e(when)} from '
                  f"{_e(data.folder / 'study.sqlite')}. Every run was evaluated the same way (protocol below).</p>")
     parts.append('<h2 id="answers">Answers</h2><dl class="answers">')

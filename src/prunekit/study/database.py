@@ -227,6 +227,7 @@ def open_for_study(folder: str | Path, study: Any) -> ResultsDatabase:
         os.replace(tmp, path)  # a new database appears whole, or not at all
         database = _connect(path, read_only=False)
     database.set_meta({"study_yaml": study.text, "study_settings": _dumps(study.settings),
+                       "study_keys": _dumps(sorted(run.key for run in study.runs)),
                        "study_source": study.source, "description": study.description})
     return database
 

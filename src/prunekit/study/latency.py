@@ -16,6 +16,7 @@ report's plots and answers. ``prunekit study ... --retime-latency`` times every 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,15 @@ def at_hand(row: dict[str, Any], context: RunContext) -> bool:
     return row["folder"] is None or (Path(context.out) / row["folder"]).is_dir()
 
 
+def _current(database: ResultsDatabase) -> list[dict[str, Any]]:
+    """The database's rows of the study as last invoked (rows of earlier settings are not timed)."""
+    keys = set(json.loads(database.meta["study_keys"])) if database.meta.get("study_keys") else None
+    return [row for row in database.runs() if keys is None or row["key"] in keys]
+
+
 def forget_timings(database: ResultsDatabase, context: RunContext) -> int:
     """Drop the latency rows of the runs whose model is at hand (so the latency phase times them again)."""
-    keys = [row["key"] for row in database.runs() if at_hand(row, context)]
+    keys = [row["key"] for row in _current(database) if at_hand(row, context)]
     return database.drop_latency(keys)
 
 
@@ -57,7 +64,7 @@ def time_runs(database: ResultsDatabase, context: RunContext, say: Callable[[str
     if not isinstance(settings, dict):
         return 0
     timed = database.timed_keys()
-    pending = [row for row in database.runs() if row["key"] not in timed and at_hand(row, context)]
+    pending = [row for row in _current(database) if row["key"] not in timed and at_hand(row, context)]
     if not pending:
         return 0
     say(f"latency phase: timing {len(pending)} run(s) against their dense model, one at a time")

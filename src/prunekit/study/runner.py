@@ -162,7 +162,7 @@ def _schedule(todo: list[Run], done: set[str], executor: Any, database: ResultsD
                 break
             pending.remove(run)
             running[run.key] = run
-            position = len(done) + len(running)
+            position = outcome.done_before + len(outcome.finished) + len(outcome.failed) + len(running)
             echo(f"[run {position}/{total}] {run.label}" + ("" if inline else " (started in a worker; output in "
                                                                                  "logs/)"))
             executor.submit(run)
@@ -184,7 +184,8 @@ def _finish(run: Run, result: RunOutcome, database: ResultsDatabase, done: set[s
         database.add_run(run, result.results, result.seconds, result.machine, result.versions)
         done.add(run.key)
         outcome.finished.append(run.label)
-        echo(f"  done {run.label} in {result.seconds:.1f} s ({len(done)}/{total} runs done): "
+        echo(f"  done {run.label} in {result.seconds:.1f} s ({outcome.done_before + len(outcome.finished)}/{total} "
+             "runs done): "
              f"{summary(result.results)}")
     else:
         database.add_failure(run.key, run.label, result.error)
