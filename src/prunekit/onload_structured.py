@@ -307,11 +307,10 @@ class _Blocks(_Job):
     def score(self) -> None:
         """1 − mean cos(block input, block output) over the calibration tokens, as the full load's forward sees them."""
         from prunekit.calibration.capture import capture_block_inputs
-        from prunekit.calibration.engine import auto_micro_batch
 
         assert self.calibration is not None
-        size = auto_micro_batch(self.config.micro_batch_size, self.device, self.calibration.shape[1])
-        inputs = capture_block_inputs(self.model, self.calibration, device=self.device, micro_batch_size=size,
+        inputs = capture_block_inputs(self.model, self.calibration, device=self.device,
+                                      micro_batch_size=self.config.micro_batch_size,
                                       placement=self.onloader)
         sums = [0.0] * len(self.named_blocks)
         counts = [0] * len(self.named_blocks)

@@ -228,14 +228,18 @@ def _stand_ins_agree(real: _Pass, stand: _Pass) -> bool:
 
 
 def capture_block_inputs(model: nn.Module, calibration: torch.Tensor, *, device: torch.device,
-                         micro_batch_size: int = 8, stack: int = 0,
+                         micro_batch_size: int = 0, stack: int = 0,
                          placement: BlockPlacement | None = None) -> list[BlockInputs]:
     """Run the calibration batch through the model one micro-batch at a time; return what each block receives.
 
     ``stack`` picks the block list (0, or 1 for an encoder-decoder's decoder); see the module docstring.
     ``placement`` brings the weights to ``device`` (default: moved there and back; see
-    :mod:`prunekit.calibration.placement`).
+    :mod:`prunekit.calibration.placement`). ``micro_batch_size`` 0 picks one by device
+    (:func:`prunekit.calibration.engine.auto_micro_batch`).
     """
+    from prunekit.calibration.engine import auto_micro_batch
+
+    micro_batch_size = auto_micro_batch(micro_batch_size, device, int(calibration.shape[1]))
     placement = placement or MovePlacement()
     adapter = get_adapter(model)
     blocks = adapter.stacks()[stack]
