@@ -31,7 +31,14 @@ import torch
 from torch import nn
 
 from prunekit.adapters import get_adapter
-from prunekit.calibration.capture import BlockInputs, StopForward, capture_block_inputs
+from prunekit.calibration.capture import (  # noqa: F401  (auto_micro_batch and its constants: imported from here)
+    CPU_TOKENS_PER_FORWARD,
+    GPU_MICRO_BATCH,
+    BlockInputs,
+    StopForward,
+    auto_micro_batch,
+    capture_block_inputs,
+)
 from prunekit.calibration.placement import BlockPlacement, MovePlacement, module_device
 from prunekit.errors import PrunekitError
 
@@ -94,22 +101,6 @@ class EngineReport:
     @property
     def total_s(self) -> float:
         return self.capture_s + self.stats_s + self.change_s + self.replay_s
-
-
-# tokens per forward on CPU when the micro-batch is automatic: on smollm2-135m (2-core EPYC, 512-token windows,
-# sparsegpt 50 %, 32 windows) one window per forward took 68 s where 8 took 74-80 s (and 2 took 70 s): bigger
-# batches only add attention buffers of tens of MB that fall out of the caches and the allocator's reuse
-CPU_TOKENS_PER_FORWARD = 512
-GPU_MICRO_BATCH = 8
-
-
-def auto_micro_batch(requested: int, device: torch.device | str, seq_len: int) -> int:
-    """The micro-batch size to run: ``requested`` when positive; 0 means automatic (see ``CPU_TOKENS_PER_FORWARD``)."""
-    if requested > 0:
-        return int(requested)
-    if torch.device(device).type == "cpu":
-        return max(1, CPU_TOKENS_PER_FORWARD // max(1, int(seq_len)))
-    return GPU_MICRO_BATCH
 
 
 @contextmanager
