@@ -16,6 +16,7 @@ import pytest
 from prunekit.report import write_report
 from prunekit.report.answers import answers
 from prunekit.report.data import load, pareto
+from prunekit.report.plots import quality_vs_bytes
 from prunekit.study import build_study
 from prunekit.study.database import open_existing, open_for_study
 from prunekit.study.spec import Run
@@ -176,7 +177,8 @@ def test_per_block_profile_maps_removed_blocks_back() -> None:
 
 def test_ranking_groups_runs_by_the_sparsity_they_were_asked_for(tmp_path: Path) -> None:
     """A run that removed 47.5 % when asked for 50 % (FLOP's gates land near their target) is ranked at 50 %."""
-    study = build_study({"name": "asked", "models": ["m"], "evaluation": {"data": ["text:a"]},
+    study = build_study({"name": "asked", "models": ["m"], "evaluation": {"data": ["text:a"],
+                                                                          "formats": ["sparse-bitmask"]},
                          "methods": [{"method": "magnitude", "sparsity": 0.5}]}, "asked.yaml", check_sources=False)
     database = open_for_study(tmp_path / "s", study)
     rows = [(_run("dense", "dense", "dense"), _results((10, 8), (80, 80), 1000, 600)),
@@ -185,6 +187,7 @@ def test_ranking_groups_runs_by_the_sparsity_they_were_asked_for(tmp_path: Path)
             (_run("heads-neurons 50%", "heads-neurons", "structured", config={"ratio": 0.5}),
              _results((15, 12), (42, 42), 600, 350)),
             (_run("flop 70%", "flop", "training", config={"sparsity": 0.7}), _results((17, 14), (25, 25), 560, 330))]
+    rows[-1][1]["bytes"]["sparse-bitmask bfloat16"] = {"bytes": None, "error": "'q' is a LowRankLinear"}
     for run, results in rows:
         assert database.add_run(run, results, 1.0, MACHINE, VERSIONS)
     database.set_meta({"study_keys": json.dumps([run.key for run, _ in rows])})
@@ -195,6 +198,12 @@ def test_ranking_groups_runs_by_the_sparsity_they_were_asked_for(tmp_path: Path)
         "20.00 (2.00x dense).")  # flop 70% is alone at its level: not ranked
     zeros = found["Do the zeros make the model smaller or faster?"]
     assert "flop 70% is 56 % of dense bytes as saved" in zeros  # trained smaller: counted with the shrunk models
+    data = load(tmp_path / "s")
+    flop = next(e for e in data.entries if e.label == "flop 70%")
+    assert flop.bytes is None and flop.format_error() == "'q' is a LowRankLinear"  # not its float32 files instead
+    assert next(e for e in data.entries if e.label == "magnitude 50%").bytes == 400
+    caption = quality_vs_bytes(data)[0].caption
+    assert "Not shown, as sparse-bitmask bfloat16 could not hold them: flop 70% ('q' is a LowRankLinear)." in caption
 
 
 def test_rows_of_earlier_settings_are_kept_but_not_reported(tmp_path: Path) -> None:

@@ -96,9 +96,10 @@ def _smallest(data: StudyData, model: str, dense: Entry, primary: str, metric: s
         small = min(sized, key=lambda e: (e.bytes or 0, e.quality[primary] if metric != "accuracy" else 0))
         where = f" ({data.format_name})" if data.format_name else " (as saved)"
         share = 100 * (small.bytes or 0) / (dense.bytes or 1)
+        unsized = [e.label for e in good if e.bytes is None]
         parts.append(f"the smallest on disk{where} is {small.label}: {_show(metric, small.quality[primary])} "
                      f"({_versus(metric, small.quality[primary], base)}), {share:.0f} % of dense bytes, "
-                     f"{_speed(small)}")
+                     f"{_speed(small)}" + (f" ({', '.join(unsized)}: no bytes in that format)" if unsized else ""))
     timed = [e for e in good if e.forward_ratio is not None]
     if timed:
         fast = min(timed, key=lambda e: e.forward_ratio or 1.0)

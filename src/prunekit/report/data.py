@@ -53,10 +53,24 @@ class Entry:
     layers: dict[str, list[int]]
     row: dict[str, Any] = field(repr=False, default_factory=dict)
     contended: bool = False  # its timing ran while other processes used the CPUs: ratios left out (None)
+    in_format: bool = False  # the study asked for bytes in a compressed format: compare those only
 
     @property
     def bytes(self) -> int | None:
-        return self.bytes_format if self.bytes_format is not None else self.bytes_saved
+        """Bytes in the study's compressed format (None where that format could not hold the model), else as saved.
+
+        Never one run's saved float32 files beside another's compressed bfloat16 ones.
+        """
+        return self.bytes_format if self.in_format else self.bytes_saved
+
+    def format_error(self) -> str | None:
+        """Why the run has no bytes in the study's format (the export's one-line error), if it has none."""
+        if not self.in_format or self.bytes_format is not None:
+            return None
+        for value in ((self.row.get("results") or {}).get("bytes") or {}).values():
+            if isinstance(value, dict) and value.get("error"):
+                return str(value["error"])
+        return "not measured"
 
 
 @dataclass
@@ -160,7 +174,8 @@ def _entry(row: dict[str, Any], format_name: str | None) -> Entry:
         bytes_saved=stored.get("saved"), bytes_format=in_format.get("bytes") if isinstance(in_format, dict) else None,
         forward_ratio=latency.get("forward_ratio"), decode_ratio=latency.get("decode_ratio"),
         forward_ms=latency.get("forward_ms"), decode_ms=latency.get("decode_ms_per_token"),
-        seconds=float(row["seconds"]), layers=results.get("layers") or {}, row=row, contended=contended)
+        seconds=float(row["seconds"]), layers=results.get("layers") or {}, row=row, contended=contended,
+        in_format=format_name is not None)
 
 
 def pareto(points: list[tuple[float, float, Any]], higher_is_better: bool) -> list[Any]:

@@ -154,9 +154,11 @@ def quality_vs_bytes(data: StudyData) -> list[Figure]:
         _frontier_plot(ax, points, metric, colors, f"weight files on disk, MB ({where})")
         _quality_axis(ax, metric, [y for _, y, _ in points])
         ax.set_title(f"{model}: {eval_set} vs bytes on disk")
+    unsized = [f"{e.label} ({e.format_error()})" for e in data.entries if e.format_error()]
+    left_out = (f" Not shown, as {where} could not hold them: {'; '.join(unsized)}." if unsized else "")
     return [Figure("Quality vs bytes on disk", f"Bytes of the weight files stored as {where}. Circles: pruned, "
                    "squares: pruned and fine-tuned, star: dense; larger outlined markers and the step line form the "
-                   "Pareto frontier (no other run is both smaller and better).", _png(figure))]
+                   "Pareto frontier (no other run is both smaller and better)." + left_out, _png(figure))]
 
 
 def quality_vs_latency(data: StudyData) -> list[Figure]:
