@@ -31,14 +31,7 @@ import torch
 from torch import nn
 
 from prunekit.adapters import get_adapter
-from prunekit.calibration.capture import (  # noqa: F401  (auto_micro_batch and its constants: imported from here)
-    CPU_TOKENS_PER_FORWARD,
-    GPU_MICRO_BATCH,
-    BlockInputs,
-    StopForward,
-    auto_micro_batch,
-    capture_block_inputs,
-)
+from prunekit.calibration.capture import BlockInputs, StopForward, auto_micro_batch, capture_block_inputs
 from prunekit.calibration.placement import BlockPlacement, MovePlacement, module_device
 from prunekit.errors import PrunekitError
 

@@ -129,6 +129,7 @@ def load(folder: str | Path) -> StudyData:
     database = open_existing(folder, read_only=True)
     try:
         rows, failures, meta = database.runs(), database.failures(), dict(database.meta)
+        current = database.study_keys()
     finally:
         database.close()
     settings = json.loads(meta.get("study_settings") or "{}")
@@ -139,7 +140,6 @@ def load(folder: str | Path) -> StudyData:
         quantize = spec.get("quantize", "none")
         format_name = f"{spec.get('format', 'sparse-bitmask')} {spec.get('dtype', 'bfloat16')}" + (
             f" {quantize}" if quantize not in (None, "none") else "")
-    current = set(json.loads(meta["study_keys"])) if meta.get("study_keys") else None
     shown = [row for row in rows if current is None or row["key"] in current]
     entries = [_entry(row, format_name) for row in shown]
     done = {row["key"] for row in rows}

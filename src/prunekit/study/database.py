@@ -99,6 +99,14 @@ class ResultsDatabase:
             connection.execute("INSERT OR REPLACE INTO latency (key, results, machine, finished) VALUES (?, ?, ?, ?)",
                                (key, _dumps(results), _dumps(machine), now()))
 
+    def study_keys(self) -> set[str] | None:
+        """The run keys of the study as last invoked on this folder (None in a database written before they were kept).
+
+        Rows with other keys were made with earlier settings (e.g. a default that changed in a newer prunekit).
+        """
+        keys = self.meta.get("study_keys")
+        return set(json.loads(keys)) if keys else None
+
     def drop_latency(self, keys: list[str]) -> int:
         """Delete the latency rows of ``keys``; returns how many there were."""
         with self.transaction() as connection:

@@ -16,7 +16,6 @@ report's plots and answers. ``prunekit study ... --retime-latency`` times every 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ def at_hand(row: dict[str, Any], context: RunContext) -> bool:
 
 def _current(database: ResultsDatabase) -> list[dict[str, Any]]:
     """The database's rows of the study as last invoked (rows of earlier settings are not timed)."""
-    keys = set(json.loads(database.meta["study_keys"])) if database.meta.get("study_keys") else None
+    keys = database.study_keys()
     return [row for row in database.runs() if keys is None or row["key"] in keys]
 
 
