@@ -183,3 +183,14 @@ def test_print_config_is_a_valid_config_file(capsys, tmp_path: Path) -> None:
     code, stdout2, err = run(capsys, "prune", "--config", str(again), "--print-config")
     assert code == 0, err
     assert yaml.safe_load(stdout2) == printed
+
+
+def test_no_progress_hides_the_pruning_bars(capsys, tmp_path: Path, tiny_llama_dir: Path, text_data: str) -> None:
+    common = ["prune", str(tiny_llama_dir), "--method", "sparsegpt", "--sparsity", "0.5", "--calib", text_data,
+              "--calib-samples", "2", "--seq-len", "16", "--eval", text_data, "--eval-tokens", "64", "--device", "cpu"]
+    code, _, shown = run(capsys, *common, "--out", str(tmp_path / "a"))
+    assert code == 0, shown
+    assert "sparsegpt:" in shown and "%|" in shown  # the per-block bar
+    code, _, hidden = run(capsys, *common, "--out", str(tmp_path / "b"), "--no-progress")
+    assert code == 0, hidden
+    assert "%|" not in hidden and "it/s" not in hidden

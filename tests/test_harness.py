@@ -128,13 +128,15 @@ def test_reviews_zeroshot_accuracy_is_the_argmax_of_the_continuations(tiny_lm: t
     json.dumps(summary)
 
 
-def test_all_offline_tasks_run_with_a_limit(tiny_lm: tuple[Any, Any]) -> None:
+def test_all_offline_tasks_run_with_a_limit(tiny_lm: tuple[Any, Any], capsys: pytest.CaptureFixture[str]) -> None:
     from prunekit.evaluate import evaluate, format_table
     from prunekit.evaluate.harness import task_rows
 
     model, tokenizer = tiny_lm
+    capsys.readouterr()
     results = evaluate(model, tokenizer, tasks="austen-cloze,austen-nextsent,reviews-zeroshot", limit=3,
                        measure_latency=False, progress=False)
+    assert "it/s]" not in capsys.readouterr().err  # lm-eval's own bars are hidden too
     tasks = results["tasks"]["tasks"]
     assert set(tasks) == {"austen-cloze", "austen-nextsent", "reviews-zeroshot"}
     assert tasks["austen-cloze"]["n_documents"] >= 1 and tasks["austen-nextsent"]["n_samples"] == 3

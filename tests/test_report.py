@@ -111,6 +111,16 @@ def test_answers_are_computed_from_the_rows(tmp_path: Path) -> None:
                        "9.50, text:a/extra 9.00 vs 9.50; dense + full 1k).")
 
 
+def test_the_dense_control_is_never_the_smallest_pruned_model(tmp_path: Path) -> None:
+    data = load(write_study(tmp_path / "study"))
+    # left: dense (10), magnitude 50% (20: 2x dense) and the dense model fine-tuned as a control (9.5, as big)
+    data.entries = [e for e in data.entries if e.label in ("dense", "magnitude 50%", "dense + full 1k")]
+    found = dict(answers(data))
+    smallest = found["at <= 1.5x dense perplexity on text:a/eval, what is the smallest and the fastest model?"]
+    assert smallest == ("None: every pruned model is outside the tolerance; the closest is magnitude 50% (20.00, "
+                        "2.00x dense).")
+
+
 def test_report_is_one_self_contained_page_and_a_csv(tmp_path: Path) -> None:
     folder = write_study(tmp_path / "study")
     html_path, csv_path = write_report(folder)

@@ -100,7 +100,7 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
         evaluation["dense"] = _evaluate(model, tokenizer, eval_data, settings, path=_source_folder(settings["model"]))
         model.to("cpu")  # the engine moves one block at a time to the device
     prepared = time.perf_counter()
-    result = prune(model, config, calibration, device=settings["device"], progress=True)
+    result = prune(model, config, calibration, device=settings["device"], progress=_progress(settings))
     pruned_at = time.perf_counter()
     if measure:
         model.to("cpu")
@@ -151,10 +151,16 @@ def _evaluate(model: Any, tokenizer: Any, data: Any, settings: dict[str, Any], p
     seq_len = int(settings["eval_seq_len"] or settings["seq_len"])
     limit = settings.get("limit")
     return evaluate(model, tokenizer, data, seq_len=seq_len, max_tokens=settings["eval_tokens"], path=path,
-                    device=settings["device"], measure_latency=False, progress=True, split=_eval_split(data, settings),
+                    device=settings["device"], measure_latency=False, progress=_progress(settings),
+                    split=_eval_split(data, settings),
                     bos=bool(settings.get("bos", True)), tasks=settings.get("tasks"),
                     num_fewshot=settings.get("num_fewshot"), seed=int(settings["seed"]),
                     limit=int(limit) if limit is not None and float(limit) >= 1 else limit)
+
+
+def _progress(settings: dict[str, Any]) -> bool:
+    """Progress bars unless the command asked for none (--no-progress, or a study run without them)."""
+    return settings.get("progress") is not False
 
 
 def _eval_split(data: Any, settings: dict[str, Any]) -> str:
@@ -179,7 +185,7 @@ def _evaluate_onloaded(folder: Path, task: str, data: Any, settings: dict[str, A
     return evaluate_onloaded(folder, task, load_tokenizer(folder), data, split=_eval_split(data, settings),
                              seq_len=int(settings["eval_seq_len"] or settings["seq_len"]),
                              max_tokens=settings["eval_tokens"], device=settings["device"], dtype=settings["dtype"],
-                             progress=True, bos=bool(settings.get("bos", True)), path=path,
+                             progress=_progress(settings), bos=bool(settings.get("bos", True)), path=path,
                              mode=str(settings.get("onload") or "auto"))
 
 
@@ -327,7 +333,7 @@ def final_evaluation(model: Any, tokenizer: Any, data: Any, settings: dict[str, 
         limit = settings.get("limit")
         results["tasks"] = run_tasks(model, tokenizer, settings["tasks"], num_fewshot=settings.get("num_fewshot"),
                                      limit=int(limit) if limit is not None and float(limit) >= 1 else limit,
-                                     seed=int(settings.get("seed", 0)))
+                                     seed=int(settings.get("seed", 0)), progress=progress)
         results["tasks_protocol"] = protocol(results["tasks"])
     return results
 

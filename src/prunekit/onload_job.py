@@ -129,15 +129,15 @@ def prune_onloaded(settings: dict[str, Any], spec: MethodSpec, config: MethodCon
 
             prepared = time.perf_counter()
             result, saved = prune_structured(model, onloader, spec, config, calibration, tmp,
-                                             device=settings["device"], progress=True)
+                                             device=settings["device"], progress=settings.get("progress") is not False)
             timing = {**result.timing, "load_s": loaded - started, "prune_wall_s": time.perf_counter() - prepared}
             weights = "read block by block from the source files, twice (scores, then surgery)"
         else:
             onloader.open_output(tmp)  # every shard at full size: a disk too small fails here
             prepared = time.perf_counter()
             try:
-                result = prune(model, config, calibration, device=settings["device"], progress=True,
-                               placement=onloader)
+                result = prune(model, config, calibration, device=settings["device"],
+                               progress=settings.get("progress") is not False, placement=onloader)
                 pruned_at = time.perf_counter()
                 onloader.finish()
             except BaseException:

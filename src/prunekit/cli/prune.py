@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "eval": None, "eval_tokens": 32768, "eval_seq_len": None, "latency": True,
     "bos": True, "tasks": None, "num_fewshot": None, "limit": None,
     "export_format": None, "export_quantize": "none", "export_dtype": "bfloat16", "onload": "auto",
+    "progress": True,
 }
 
 
@@ -45,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, help="output folder (refused if it exists, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_const", const=True, default=None,
                         help="replace an existing output folder (only once the new one is complete)")
+    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
+                        help="no progress bars (pruning, evaluation, lm-eval tasks)")
     parser.add_argument("--task", default=None, help="causal-lm, classification or base (default: from the model)")
     parser.add_argument("--onload", default=None, choices=("auto", "always", "never"),
                         help="sequential onloading: read each block from the files only while it is pruned, write it "

@@ -83,6 +83,31 @@ def _quiet_lm_eval(quiet: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
+# the lm-eval modules that make progress bars (documents, tokenizing, requests), each with its own `tqdm` name
+_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+@contextlib.contextmanager
+def _lm_eval_bars(progress: bool) -> Iterator[None]:
+    """lm-eval's progress bars, or none: its calls pass ``disable=`` themselves, so TQDM_DISABLE cannot hide them."""
+    if progress:
+        yield
+        return
+    import importlib
+
+    from tqdm import tqdm
+
+    def silent(*args: Any, **kwargs: Any) -> Any:
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    with contextlib.ExitStack() as stack:
+        for name in _BAR_MODULES:
+            module = importlib.import_module(name)
+            if hasattr(module, "tqdm"):
+                stack.enter_context(mock.patch.object(module, "tqdm", silent))
+        yield
+
+
 @functools.lru_cache(maxsize=2)
 def _indexed_tasks(include_defaults: bool) -> Any:
     """lm-eval's TaskManager over prunekit's task folder (and lm-eval's own tasks): built once per process."""
@@ -115,14 +140,14 @@ def _is_unreachable(exc: BaseException) -> bool:
 
 def run_tasks(model: nn.Module, tokenizer: Any, tasks: str | Sequence[str], *, num_fewshot: int | None = None,
               limit: int | float | None = None, batch_size: int = 8, max_length: int | None = None,
-              seed: int = 0, quiet: bool = True) -> dict[str, Any]:
+              seed: int = 0, quiet: bool = True, progress: bool = True) -> dict[str, Any]:
     """Run lm-eval ``tasks`` on the model in memory; the record of :func:`summarize` plus lm-eval's raw results.
 
     ``num_fewshot`` None keeps each task's own default (0 for prunekit's tasks); ``limit`` caps the
     documents per task (lm-eval's ``--limit``: a count, or a fraction below 1); ``batch_size``: requests
     per forward (8 runs short requests several times faster than 1 and changes no score beyond float
-    rounding); ``max_length`` None lets lm-eval take the model's position limit. The caller's random
-    state is left as it was.
+    rounding); ``max_length`` None lets lm-eval take the model's position limit; ``progress`` False
+    hides lm-eval's own progress bars. The caller's random state is left as it was.
     """
     names = parse_tasks(tasks)
     if not names:
@@ -147,7 +172,7 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: str | Sequence[str], *, n
     # lm-eval records `git describe` of the current directory (not prunekit's, not the model's) and lets git
     # print "fatal: not a git repository" outside one: the record does not keep it, so it is not asked
     no_git = mock.patch("lm_eval.evaluator.get_git_commit_hash", return_value=None)
-    with _quiet_lm_eval(quiet), _kept_random_state(), no_git:
+    with _quiet_lm_eval(quiet), _kept_random_state(), no_git, _lm_eval_bars(progress):
         manager = _task_manager(names)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
                   max_length=max_length)

@@ -305,7 +305,7 @@ def evaluate(model: nn.Module, tokenizer: Any, data: Any = None, *, seq_len: int
         from prunekit.evaluate.harness import run_tasks
 
         results["tasks"] = run_tasks(model, tokenizer, tasks, num_fewshot=num_fewshot, limit=limit,
-                                     batch_size=task_batch_size, seed=seed)
+                                     batch_size=task_batch_size, seed=seed, progress=progress)
         protocol["tasks"] = harness_protocol(results["tasks"])
 
     size = size_report(model, path=path)

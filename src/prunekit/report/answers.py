@@ -82,7 +82,8 @@ def _smallest(data: StudyData, model: str, dense: Entry, primary: str, metric: s
               ) -> tuple[str, str]:
     base = dense.quality.get(primary)
     question = f"{prefix}{_tolerance(metric, data)} on {primary}, what is the smallest and the fastest model?"
-    pruned = [e for e in data.entries if e.model == model and e is not dense and primary in e.quality]
+    by_key = {e.key: e for e in data.entries}
+    pruned = [e for e in data.entries if e.model == model and primary in e.quality and not _unpruned(e, by_key)]
     if base is None or not pruned:
         return question, "No pruned run has been measured yet."
     good = [e for e in pruned if _within(metric, e.quality[primary], base, data)]
@@ -108,6 +109,13 @@ def _smallest(data: StudyData, model: str, dense: Entry, primary: str, metric: s
                         dense.bytes else ""))
     text = "; ".join(parts) if parts else f"{len(good)} run(s) are within it (bytes and latency not measured)"
     return question, text[0].upper() + text[1:] + "."
+
+
+def _unpruned(entry: Entry, by_key: dict[str, Entry]) -> bool:
+    """The dense model, the dense model trained (method none), or the dense model fine-tuned as a control."""
+    while entry.kind == "recovery" and entry.parent in by_key:
+        entry = by_key[entry.parent or ""]
+    return entry.kind == "dense" or (entry.kind == "training" and entry.method == "none")
 
 
 def _ranking(data: StudyData, model: str, dense: Entry, primary: str, metric: str, prefix: str
@@ -189,7 +197,8 @@ def _zeros(data: StudyData, model: str, dense: Entry, prefix: str) -> tuple[str,
                 text += f", {_span(sorted(stored))} % as {data.format_name} (dense in that format = 100 %)"
         timed = [e.forward_ratio for e in zeros if e.forward_ratio is not None]
         if timed:
-            text += f"; their forward time is {min(timed):.2f}-{max(timed):.2f}x dense (same shapes, dense kernels)"
+            span = f"{min(timed):.2f}" + (f"-{max(timed):.2f}" if f"{min(timed):.2f}" != f"{max(timed):.2f}" else "")
+            text += f"; their forward time is {span}x dense (same shapes, dense kernels)"
         parts.append(text)
     if shrunk and dense.bytes_saved:
         for e in shrunk:

@@ -169,7 +169,7 @@ def _prune(run: Run, folder: Path, context: RunContext) -> None:
                 "calib_samples": calibration["samples"], "seq_len": calibration["seq_len"], "eval": None,
                 "eval_tokens": None, "eval_seq_len": None, "latency": False, "device": context.device,
                 "dtype": context.dtype, "seed": int(run.settings.get("seed") or 0), "out": str(folder),
-                "overwrite": False}
+                "overwrite": False, "progress": context.progress}
     prune_job(settings, spec, config)
 
 
@@ -246,7 +246,8 @@ def measure(run: Run, folder: Path | None, context: RunContext, say: Callable[[s
         say(f"zero-shot tasks {', '.join(evaluation['tasks'])}")
         from prunekit.evaluate.harness import run_tasks
 
-        results["tasks"] = run_tasks(model, tokenizer, evaluation["tasks"], limit=evaluation["task_limit"])
+        results["tasks"] = run_tasks(model, tokenizer, evaluation["tasks"], limit=evaluation["task_limit"],
+                                     progress=context.progress)
     del model
     for spec in evaluation["formats"] or []:
         results["bytes"][_format_name(spec)] = _format_bytes(source, spec, Path(context.out), run, say)
