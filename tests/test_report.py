@@ -228,3 +228,13 @@ def test_rows_of_earlier_settings_are_kept_but_not_reported(tmp_path: Path) -> N
     write_report(folder)
     page = (folder / "report.html").read_text()
     assert "1 row(s) made with earlier settings of this study" in page and ">wanda 2:4<" not in page
+
+
+def test_a_few_percent_faster_is_not_called_faster(tmp_path: Path) -> None:
+    data = load(write_study(tmp_path / "study"))
+    heads = next(e for e in data.entries if e.label == "heads-neurons 25%")
+    heads.forward_ratio = 0.97  # 1.03x: within the timing noise (the within-tolerance runs are 1.00x-1.03x)
+    smallest = dict(answers(data))["at <= 1.5x dense perplexity on text:a/eval, what is the smallest and the "
+                                   "fastest model?"]
+    assert smallest.endswith("; none of them is measurably faster than dense (1.00-1.03x as fast in a forward pass; "
+                             "differences under 5 % are taken as noise).")

@@ -78,6 +78,15 @@ def answers(data: StudyData) -> list[tuple[str, str]]:
     return out
 
 
+def _ratio_span(values: list[float]) -> str:
+    """'0.99-1.01', or '1.00' where both ends print alike."""
+    low, high = f"{min(values):.2f}", f"{max(values):.2f}"
+    return low if low == high else f"{low}-{high}"
+
+
+TIMING_NOISE = 0.05  # a forward pass less than 5 % faster than dense's is not called faster
+
+
 def _smallest(data: StudyData, model: str, dense: Entry, primary: str, metric: str, prefix: str
               ) -> tuple[str, str]:
     base = dense.quality.get(primary)
@@ -102,8 +111,12 @@ def _smallest(data: StudyData, model: str, dense: Entry, primary: str, metric: s
                      f"({_versus(metric, small.quality[primary], base)}), {share:.0f} % of dense bytes, "
                      f"{_speed(small)}" + (f" ({', '.join(unsized)}: no bytes in that format)" if unsized else ""))
     timed = [e for e in good if e.forward_ratio is not None]
-    if timed:
-        fast = min(timed, key=lambda e: e.forward_ratio or 1.0)
+    fast = min(timed, key=lambda e: e.forward_ratio or 1.0) if timed else None
+    if fast is not None and (fast.forward_ratio or 1.0) > 1 - TIMING_NOISE:
+        ratios = [1 / (e.forward_ratio or 1.0) for e in timed]
+        parts.append(f"none of them is measurably faster than dense ({_ratio_span(ratios)}x as fast in a forward pass; "
+                     f"differences under {100 * TIMING_NOISE:.0f} % are taken as noise)")
+    elif fast is not None:
         parts.append(f"the fastest is {fast.label}: {_show(metric, fast.quality[primary])}, {_speed(fast)}"
                      + (f", {100 * (fast.bytes or 0) / (dense.bytes or 1):.0f} % of dense bytes" if fast.bytes and
                         dense.bytes else ""))
@@ -197,8 +210,7 @@ def _zeros(data: StudyData, model: str, dense: Entry, prefix: str) -> tuple[str,
                 text += f", {_span(sorted(stored))} % as {data.format_name} (dense in that format = 100 %)"
         timed = [e.forward_ratio for e in zeros if e.forward_ratio is not None]
         if timed:
-            span = f"{min(timed):.2f}" + (f"-{max(timed):.2f}" if f"{min(timed):.2f}" != f"{max(timed):.2f}" else "")
-            text += f"; their forward time is {span}x dense (same shapes, dense kernels)"
+            text += f"; their forward time is {_ratio_span(timed)}x dense (same shapes, dense kernels)"
         parts.append(text)
     if shrunk and dense.bytes_saved:
         for e in shrunk:
