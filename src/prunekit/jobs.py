@@ -18,6 +18,7 @@ from typing import Any
 from prunekit.errors import PrunekitError
 from prunekit.methods.registry import MethodConfig, MethodSpec
 from prunekit.record import RunRecord, versions
+from prunekit.utils import wants_progress
 
 SOURCE_KEYS = ("source_model", "source", "base_model", "model")
 
@@ -100,7 +101,7 @@ def prune_job(settings: dict[str, Any], spec: MethodSpec, config: MethodConfig) 
         evaluation["dense"] = _evaluate(model, tokenizer, eval_data, settings, path=_source_folder(settings["model"]))
         model.to("cpu")  # the engine moves one block at a time to the device
     prepared = time.perf_counter()
-    result = prune(model, config, calibration, device=settings["device"], progress=_progress(settings))
+    result = prune(model, config, calibration, device=settings["device"], progress=wants_progress(settings))
     pruned_at = time.perf_counter()
     if measure:
         model.to("cpu")
@@ -151,16 +152,11 @@ def _evaluate(model: Any, tokenizer: Any, data: Any, settings: dict[str, Any], p
     seq_len = int(settings["eval_seq_len"] or settings["seq_len"])
     limit = settings.get("limit")
     return evaluate(model, tokenizer, data, seq_len=seq_len, max_tokens=settings["eval_tokens"], path=path,
-                    device=settings["device"], measure_latency=False, progress=_progress(settings),
+                    device=settings["device"], measure_latency=False, progress=wants_progress(settings),
                     split=_eval_split(data, settings),
                     bos=bool(settings.get("bos", True)), tasks=settings.get("tasks"),
                     num_fewshot=settings.get("num_fewshot"), seed=int(settings["seed"]),
                     limit=int(limit) if limit is not None and float(limit) >= 1 else limit)
-
-
-def _progress(settings: dict[str, Any]) -> bool:
-    """Progress bars unless the command asked for none (--no-progress, or a study run without them)."""
-    return settings.get("progress") is not False
 
 
 def _eval_split(data: Any, settings: dict[str, Any]) -> str:
@@ -185,7 +181,7 @@ def _evaluate_onloaded(folder: Path, task: str, data: Any, settings: dict[str, A
     return evaluate_onloaded(folder, task, load_tokenizer(folder), data, split=_eval_split(data, settings),
                              seq_len=int(settings["eval_seq_len"] or settings["seq_len"]),
                              max_tokens=settings["eval_tokens"], device=settings["device"], dtype=settings["dtype"],
-                             progress=_progress(settings), bos=bool(settings.get("bos", True)), path=path,
+                             progress=wants_progress(settings), bos=bool(settings.get("bos", True)), path=path,
                              mode=str(settings.get("onload") or "auto"))
 
 

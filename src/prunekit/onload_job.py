@@ -17,6 +17,7 @@ from typing import Any
 from prunekit.errors import PrunekitError
 from prunekit.methods.registry import MethodConfig, MethodSpec
 from prunekit.record import RunRecord
+from prunekit.utils import wants_progress
 
 
 @dataclass
@@ -129,7 +130,7 @@ def prune_onloaded(settings: dict[str, Any], spec: MethodSpec, config: MethodCon
 
             prepared = time.perf_counter()
             result, saved = prune_structured(model, onloader, spec, config, calibration, tmp,
-                                             device=settings["device"], progress=settings.get("progress") is not False)
+                                             device=settings["device"], progress=wants_progress(settings))
             timing = {**result.timing, "load_s": loaded - started, "prune_wall_s": time.perf_counter() - prepared}
             weights = "read block by block from the source files, twice (scores, then surgery)"
         else:
@@ -137,7 +138,7 @@ def prune_onloaded(settings: dict[str, Any], spec: MethodSpec, config: MethodCon
             prepared = time.perf_counter()
             try:
                 result = prune(model, config, calibration, device=settings["device"],
-                               progress=settings.get("progress") is not False, placement=onloader)
+                               progress=wants_progress(settings), placement=onloader)
                 pruned_at = time.perf_counter()
                 onloader.finish()
             except BaseException:

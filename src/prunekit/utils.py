@@ -9,6 +9,7 @@ import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -165,3 +166,8 @@ def count_parameters(model: nn.Module) -> int:
     The one parameter count of prunekit: records, size reports and surgery facts all use it.
     """
     return sum(param.numel() for param in unique_tensors(model.parameters()))
+
+
+def wants_progress(settings: dict[str, Any]) -> bool:
+    """Progress bars unless the command asked for none (--no-progress, or a study run without them)."""
+    return settings.get("progress") is not False
