@@ -47,8 +47,9 @@ def _results(ppl: tuple[float, float], block: tuple[int, int], saved: int, store
             "protocol": {"size": "counted once per tensor"}}
 
 
-def write_study(folder: Path) -> Path:
-    """A study database with hand-made rows: dense ppl 10, four pruned runs, recovery and its control."""
+def write_study(folder: Path, tasks: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A study database with hand-made rows: dense ppl 10, four pruned runs, recovery and its control
+    (``tasks``: run label -> lm-eval task scores, as prunekit.evaluate.harness.summarize writes them)."""
     study = build_study({"name": "hand", "models": ["m"], "evaluation": {"data": ["text:a", {"data": "text:a",
                                                                                                "split": "extra"}],
                                                                           "formats": ["sparse-bitmask"]},
@@ -70,6 +71,9 @@ def write_study(folder: Path) -> Path:
          (1.0, 1.0)),
     ]
     for run, results, (forward, decode) in rows:
+        if tasks and run.label in tasks:
+            results["tasks"] = {"harness": "lm-evaluation-harness", "lm_eval_version": "0.4.13", "limit": 200,
+                                "tasks": tasks[run.label]}
         assert database.add_run(run, results, 12.0, MACHINE, VERSIONS)
         database.add_latency(run.key, {"forward_ratio": forward, "decode_ratio": decode, "forward_ms": 100 * forward,
                                        "decode_ms_per_token": 20 * decode, "protocol": "interleaved"}, MACHINE)
@@ -109,6 +113,40 @@ def test_answers_are_computed_from_the_rows(tmp_path: Path) -> None:
                     "tokens?"]
     assert control == ("wanda 50% + full 1k beats it on text:a/extra but not on text:a/eval (text:a/eval 11.00 vs "
                        "9.50, text:a/extra 9.00 vs 9.50; dense + full 1k).")
+
+
+def _scores(cloze: tuple[float, float], nextsent: tuple[float, float]) -> dict[str, Any]:
+    """Two tasks as lm-eval reports them: t-cloze with acc only, t-next with acc and acc_norm (shown)."""
+    return {"t-cloze": {"metrics": {"acc": cloze[0], "acc_stderr": cloze[1]}, "n_samples": 200},
+            "t-next": {"metrics": {"acc": 0.25, "acc_stderr": 0.03, "acc_norm": nextsent[0],
+                                   "acc_norm_stderr": nextsent[1]}, "n_samples": 200}}
+
+
+def test_zero_shot_task_accuracies_are_columns_and_a_difference_within_noise_is_no_win(tmp_path: Path) -> None:
+    folder = write_study(tmp_path / "study", tasks={
+        "dense": _scores((0.35, 0.03), (0.40, 0.035)),
+        "wanda 50%": _scores((0.20, 0.03), (0.30, 0.032)),
+        "wanda 50% + full 1k": _scores((0.40, 0.03), (0.36, 0.034)),
+        "dense + full 1k": _scores((0.30, 0.04), (0.35, 0.034))})
+    data = load(folder)
+    assert data.eval_sets("m") == [*SETS, "t-cloze (acc)", "t-next (acc_norm)"]  # perplexity stays the primary
+    found = dict(answers(data))
+    control = found["Does pruning then fine-tuning generalise better than the dense model fine-tuned on the same "
+                    "tokens?"]
+    # t-cloze: 0.40 - 0.30 = 0.10 > sqrt(0.03^2 + 0.04^2) = 0.05: a win; t-next: 0.36 - 0.35 = 0.01 < sqrt(2) x
+    # 0.034 = 0.048: within noise; perplexity 11 vs 9.5 worse, 9 vs 9.5 better (no standard error: as they are)
+    assert control == ("wanda 50% + full 1k beats it on text:a/extra, t-cloze (acc), is worse on text:a/eval and "
+                       "within one standard error of it on t-next (acc_norm) (text:a/eval 11.00 vs 9.50, "
+                       "text:a/extra 9.00 vs 9.50, t-cloze (acc) 40.00 % vs 30.00 %, t-next (acc_norm) 36.00 % vs "
+                       "35.00 %; dense + full 1k).")
+    assert "Which method keeps quality best on text:a/eval at each sparsity?" in found
+    write_report(folder)
+    rows = list(csv.DictReader(io.StringIO((folder / "results.csv").read_text())))
+    assert {r["label"]: r["t-cloze (acc) accuracy"] for r in rows}["wanda 50%"] == "0.2"
+    assert {r["label"]: r["t-next (acc_norm) accuracy"] for r in rows}["dense"] == "0.4"
+    page = (folder / "report.html").read_text()
+    assert "<th class=\"\">t-next (acc_norm)</th>" in page and "<td class=\"\">36.00 %</td>" in page
+    assert "Zero-shot tasks: t-cloze, t-next with lm-evaluation-harness 0.4.13, 200 samples per task" in page
 
 
 def test_the_dense_control_is_never_the_smallest_pruned_model(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@
 * which method keeps quality best at each sparsity (mean over seeds, with the seeds' spread);
 * whether zeros make a model smaller or faster (as saved, in the compressed format, measured time);
 * whether fine-tuning after pruning restores quality (share of the gap to dense closed), and whether it
-  generalises better than the dense model fine-tuned on the same tokens, on every evaluation set.
+  generalises better than the dense model fine-tuned on the same tokens, on every evaluation set and zero-shot
+  task (a task accuracy within one standard error of the difference is reported as such, not as a win).
 """
 
 from __future__ import annotations
@@ -255,20 +256,45 @@ def _recovery(data: StudyData, model: str, dense: Entry, sets: list[str], prefix
         control = controls.get(_budget(e))
         if control is None or e is control:
             continue
-        wins = [name for name in sets if name in e.quality and name in control.quality and
-                _better(data.metric(model, name), e.quality[name], control.quality[name])]
-        detail = ", ".join(f"{name} {_show(data.metric(model, name), e.quality[name])} vs "
-                           f"{_show(data.metric(model, name), control.quality[name])}"
-                           for name in sets if name in e.quality and name in control.quality)
         scored = [name for name in sets if name in e.quality and name in control.quality]
-        losses = [name for name in scored if name not in wins]
-        verdict = ("beats it on every set" if not losses else "does not beat it on any set" if not wins else
-                   f"beats it on {', '.join(wins)} but not on {', '.join(losses)}")
-        compared.append(f"{e.label} {verdict} ({detail}; {control.label})")
+        wins: list[str] = []
+        ties: list[str] = []
+        losses: list[str] = []
+        for name in scored:
+            a, b = e.quality[name], control.quality[name]
+            noise = _noise(e, control, name)
+            if noise > 0 and abs(a - b) <= noise:
+                ties.append(name)
+            else:
+                (wins if _better(data.metric(model, name), a, b) else losses).append(name)
+        detail = ", ".join(f"{name} {_show(data.metric(model, name), e.quality[name])} vs "
+                           f"{_show(data.metric(model, name), control.quality[name])}" for name in scored)
+        compared.append(f"{e.label} {_verdict(wins, ties, losses)} ({detail}; {control.label})")
     if compared:
         out.append((f"{prefix}Does pruning then fine-tuning generalise better than the dense model fine-tuned on the "
                     "same tokens?", "; ".join(compared) + "."))
     return out
+
+
+def _noise(a: Entry, b: Entry, name: str) -> float:
+    """One standard error of the difference a - b where both scores state theirs (zero-shot task accuracy on a
+    few hundred samples), else 0: a perplexity over every window is compared as it is."""
+    if name in a.stderr and name in b.stderr:
+        return float((a.stderr[name] ** 2 + b.stderr[name] ** 2) ** 0.5)
+    return 0.0
+
+
+def _verdict(wins: list[str], ties: list[str], losses: list[str]) -> str:
+    if not ties:
+        if not losses:
+            return "beats it on every set"
+        if not wins:
+            return "does not beat it on any set"
+        return f"beats it on {', '.join(wins)} but not on {', '.join(losses)}"
+    parts = [f"beats it on {', '.join(wins)}"] if wins else []
+    parts += [f"is worse on {', '.join(losses)}"] if losses else []
+    parts.append(f"{'is ' if not parts else ''}within one standard error of it on {', '.join(ties)}")
+    return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
 
 
 def _budget(entry: Entry) -> tuple[str, int]:

@@ -8,7 +8,9 @@ Quantities (the report states them the same way):
 * ``bytes``: bytes on disk of the weight files in the study's first compressed format when it measured
   one (``evaluation.formats``), else as saved (safetensors);
 * ``forward_ratio`` / ``decode_ratio``: time / the dense model's time, timed interleaved;
-* quality: perplexity (lower is better) or accuracy (higher is better) per evaluation set.
+* quality: perplexity (lower is better) or accuracy (higher is better) per evaluation set, and per zero-shot
+  task of lm-evaluation-harness its accuracy, named ``task (acc_norm)`` or ``task (acc)``: length-normalised
+  where the harness reports it (choices of different lengths), with its standard error in ``stderr``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Entry:
     row: dict[str, Any] = field(repr=False, default_factory=dict)
     contended: bool = False  # its timing ran while other processes used the CPUs: ratios left out (None)
     in_format: bool = False  # the study asked for bytes in a compressed format: compare those only
+    stderr: dict[str, float] = field(default_factory=dict)  # quality name -> its standard error, where measured
 
     @property
     def bytes(self) -> int | None:
@@ -166,6 +169,9 @@ def _entry(row: dict[str, Any], format_name: str | None) -> Entry:
     quality = {name: float(q["value"]) for name, q in (results.get("quality") or {}).items()
                if isinstance(q.get("value"), int | float)}
     metrics = {name: str(q.get("metric")) for name, q in (results.get("quality") or {}).items()}
+    tasks, stderr = task_accuracies(results)
+    quality.update(tasks)
+    metrics.update(dict.fromkeys(tasks, "accuracy"))
     return Entry(
         key=row["key"], label=row["label"], model=row["model"], method=row["method"], kind=row["kind"],
         parent=row["parent"], series=series_of(row["label"], row["model"]), seed=row["settings"].get("seed"),
@@ -175,7 +181,27 @@ def _entry(row: dict[str, Any], format_name: str | None) -> Entry:
         forward_ratio=latency.get("forward_ratio"), decode_ratio=latency.get("decode_ratio"),
         forward_ms=latency.get("forward_ms"), decode_ms=latency.get("decode_ms_per_token"),
         seconds=float(row["seconds"]), layers=results.get("layers") or {}, row=row, contended=contended,
-        in_format=format_name is not None)
+        in_format=format_name is not None, stderr=stderr)
+
+
+def task_accuracies(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """A run's zero-shot task scores, one per task: ``{"task (acc_norm)": 0.355}`` and their standard errors.
+
+    acc_norm (log-likelihood per byte of each choice) where the harness reports it, else acc.
+    """
+    values: dict[str, float] = {}
+    errors: dict[str, float] = {}
+    for task, scored in (((results.get("tasks") or {}).get("tasks")) or {}).items():
+        metrics = (scored.get("metrics") or {}) if isinstance(scored, dict) else {}
+        chosen = next((m for m in ("acc_norm", "acc") if isinstance(metrics.get(m), int | float)), None)
+        if chosen is None:
+            continue
+        name = f"{task} ({chosen})"
+        values[name] = float(metrics[chosen])
+        error = metrics.get(f"{chosen}_stderr")
+        if isinstance(error, int | float):
+            errors[name] = float(error)
+    return values, errors
 
 
 def pareto(points: list[tuple[float, float, Any]], higher_is_better: bool) -> list[Any]:

@@ -124,6 +124,15 @@ def protocol_section(data: StudyData) -> str:
     protocols = list(dict.fromkeys(q.get("protocol") for e in data.entries
                                    for q in (e.row["results"].get("quality") or {}).values() if q.get("protocol")))
     items.extend(f"<li>Quality: {_e(p)}</li>" for p in protocols[:6])
+    harness = next(((e.row["results"].get("tasks") or {}) for e in data.entries if e.row["results"].get("tasks")),
+                   None)
+    if harness:
+        names = ", ".join(harness.get("tasks") or {})
+        items.append(f"<li>Zero-shot tasks: {_e(names)} with {_e(harness.get('harness', 'lm-evaluation-harness'))} "
+                     f"{_e(harness.get('lm_eval_version', ''))}, {_e(harness.get('limit') or 'all')} samples per task "
+                     f"(the same samples for every run), accuracy as acc_norm (log-likelihood per byte of each "
+                     f"choice) where the harness reports it, else acc; the table and the answers use one per task"
+                     "</li>")
     size = next((e.row["results"].get("protocol", {}).get("size") for e in data.entries
                  if (e.row["results"].get("protocol") or {}).get("size")), None)
     if size:
